@@ -1,0 +1,5 @@
+import sys
+
+from sdetr.cli import main
+
+sys.exit(main())

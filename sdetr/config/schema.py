@@ -1,0 +1,265 @@
+"""Typed configuration schema of an sdetr run.
+
+Every setting a run can take lives here as a dataclass field with a type and a default. The
+loader (:mod:`sdetr.config.loader`) checks YAML files and ``--set`` overrides against these
+types, and calls :meth:`ExperimentConfig.validate` so that impossible combinations fail when
+the config is loaded, naming the offending key.
+
+Nothing here imports from the rest of sdetr: models and engine read these objects only in
+their builders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from sdetr.config.errors import ConfigError
+
+BackboneName = Literal["resnet50", "resnet34", "resnet18", "swin_t"]
+QuerySource = Literal["learned", "two_stage", "topk"]
+EncoderKind = Literal["dense", "sparse", "interleaved"]
+TokenSelection = Literal["dam", "objectness", "random"]
+AttentionKind = Literal["deformable", "key_aware"]
+KernelBackend = Literal["auto", "reference", "compiled"]
+Precision = Literal["fp32", "bf16"]
+
+
+@dataclass
+class BackboneConfig:
+    """Feature extractor.
+
+    ``frozen_bn`` and ``train_all`` default to the paper setup (pretrained weights, frozen
+    BatchNorm, frozen stem/first stage). From-scratch CPU presets set ``frozen_bn: false`` and
+    ``train_all: true`` (a from-scratch backbone needs trainable BatchNorm).
+    """
+
+    name: BackboneName = "resnet50"
+    weights: Optional[str] = None
+    frozen_bn: bool = True
+    train_all: bool = False
+    drop_path_rate: float = 0.2
+
+
+@dataclass
+class LossConfig:
+    """Loss weights and matcher costs (REFERENCE §1.1, §7)."""
+
+    cls_coef: float = 2.0
+    bbox_coef: float = 5.0
+    giou_coef: float = 2.0
+    focal_alpha: float = 0.25
+    aux_loss: bool = True
+    dam_coef: float = 1.0
+    cost_class: float = 2.0
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+
+
+@dataclass
+class ModelConfig:
+    """One detector of the Deformable-DETR family.
+
+    The three seams of the detector are chosen by ``encoder`` (dense | sparse | interleaved),
+    ``queries`` (learned | two_stage | topk) and ``box_refine`` (decoder).
+
+    * Deformable DETR: ``encoder=dense, queries=learned``; ``+ box_refine``; two-stage is
+      ``queries=two_stage, box_refine=true``.
+    * Efficient DETR (the paper's "Top-k & BBR" row): ``queries=topk, box_refine=true``.
+    * Sparse DETR: Efficient DETR + ``encoder=sparse`` with ``rho`` and ``enc_aux_loss``.
+    """
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    hidden_dim: int = 256
+    nheads: int = 8
+    num_feature_levels: int = 4
+    dim_feedforward: int = 1024
+    dropout: float = 0.1
+    enc_layers: int = 6
+    dec_layers: int = 6
+    enc_n_points: int = 4
+    dec_n_points: int = 4
+    num_queries: int = 300
+    num_classes: int = 91
+    encoder: EncoderKind = "dense"
+    queries: QuerySource = "learned"
+    box_refine: bool = False
+    rho: float = 0.1
+    enc_aux_loss: bool = False
+    token_selection: TokenSelection = "dam"
+    attention: AttentionKind = "deformable"
+    kernel_backend: KernelBackend = "auto"
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def validate(self, prefix: str = "model") -> None:
+        """Raise :class:`ConfigError` naming the key of the first impossible setting."""
+        _positive(self, prefix, ("hidden_dim", "nheads", "num_feature_levels", "dim_feedforward",
+                                 "dec_layers", "enc_n_points", "dec_n_points", "num_queries",
+                                 "num_classes"))
+        if self.enc_layers < 0:
+            raise ConfigError(f"{prefix}.enc_layers: must be >= 0, got {self.enc_layers}")
+        if self.hidden_dim % self.nheads:
+            raise ConfigError(f"{prefix}.hidden_dim: {self.hidden_dim} is not divisible by "
+                              f"{prefix}.nheads={self.nheads}")
+        if self.hidden_dim % 32:
+            raise ConfigError(f"{prefix}.hidden_dim: GroupNorm(32) needs a multiple of 32, "
+                              f"got {self.hidden_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{prefix}.dropout: must be in [0, 1), got {self.dropout}")
+        if not 0.0 < self.rho <= 1.0:
+            raise ConfigError(f"{prefix}.rho: must be in (0, 1], got {self.rho}")
+        if self.queries != "learned" and not self.box_refine:
+            raise ConfigError(f"{prefix}.box_refine: queries={self.queries!r} needs "
+                              "box_refine=true (two-stage proposals are refined)")
+        if self.encoder == "sparse" and self.queries == "learned":
+            raise ConfigError(f"{prefix}.encoder: 'sparse' needs queries 'two_stage' or 'topk' "
+                              "(its scoring network shares the proposal projection)")
+        if self.encoder != "sparse" and self.token_selection != "dam":
+            raise ConfigError(f"{prefix}.token_selection: only meaningful with encoder=sparse")
+        if self.enc_aux_loss and self.encoder != "sparse":
+            raise ConfigError(f"{prefix}.enc_aux_loss: only the sparse encoder has auxiliary "
+                              f"heads, got {prefix}.encoder={self.encoder!r}")
+        if self.enc_aux_loss and self.enc_layers < 2:
+            raise ConfigError(f"{prefix}.enc_aux_loss: needs enc_layers >= 2")
+        if self.encoder != "dense" and self.enc_layers == 0:
+            raise ConfigError(f"{prefix}.enc_layers: encoder={self.encoder!r} needs >= 1 layer")
+        if self.queries != "learned" and self.num_feature_levels < 1:
+            raise ConfigError(f"{prefix}.num_feature_levels: must be >= 1")
+        if self.encoder == "interleaved" or self.attention == "key_aware":
+            raise ConfigError(f"{prefix}.encoder: the Lite-DETR interleaved encoder and "
+                              "key-aware attention are not available yet")
+        if self.backbone.name != "swin_t" and self.backbone.drop_path_rate != 0.2:
+            raise ConfigError(f"{prefix}.backbone.drop_path_rate: only used by swin_t")
+
+    @property
+    def two_stage(self) -> bool:
+        """True when decoder queries come from encoder tokens (two-stage or top-k)."""
+        return self.queries != "learned"
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they are resized.
+
+    ``root`` is a COCO-2017-style folder (``train2017/``, ``val2017/``, ``annotations/``).
+    ``synthetic`` makes the run generate (once) the deterministic synthetic dataset there.
+    """
+
+    root: str = "data/coco"
+    train_split: str = "train2017"
+    val_split: str = "val2017"
+    synthetic: bool = False
+    synth_train: int = 2000
+    synth_val: int = 200
+    synth_seed: int = 0
+    train_scales: list[int] = field(default_factory=lambda: [480, 512, 544, 576, 608, 640, 672,
+                                                              704, 736, 768, 800])
+    train_max_size: int = 1333
+    crop_scales: list[int] = field(default_factory=lambda: [400, 500, 600])
+    crop_min: int = 384
+    crop_max: int = 600
+    eval_size: int = 800
+    eval_max_size: int = 1333
+    num_workers: int = 2
+
+    def validate(self, prefix: str = "data") -> None:
+        if not self.train_scales:
+            raise ConfigError(f"{prefix}.train_scales: must not be empty")
+        if any(s <= 0 for s in self.train_scales):
+            raise ConfigError(f"{prefix}.train_scales: sizes must be positive")
+        if self.crop_min > self.crop_max:
+            raise ConfigError(f"{prefix}.crop_min: {self.crop_min} > crop_max {self.crop_max}")
+        _positive(self, prefix, ("train_max_size", "eval_size", "eval_max_size"))
+        if self.num_workers < 0:
+            raise ConfigError(f"{prefix}.num_workers: must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation (REFERENCE §1.1).
+
+    ``batch_size`` is the TOTAL batch of one optimizer step over all workers;
+    ``micro_batch_size`` the images one worker processes per forward. Gradient accumulation
+    makes up the rest: ``batch_size = micro_batch_size × workers × accumulation``, so changing
+    the worker count never changes the optimisation.
+    """
+
+    epochs: int = 50
+    batch_size: int = 16
+    micro_batch_size: int = 2
+    lr: float = 2e-4
+    lr_backbone: float = 2e-5
+    lr_linear_proj_mult: float = 0.1
+    sqrt_lr_scaling: bool = True
+    weight_decay: float = 1e-4
+    clip_max_norm: float = 0.1
+    lr_drop: int = 40
+    seed: int = 42
+    workers: int = 8
+    use_gpu: bool = True
+    zero_stage: int = 0
+    precision: Precision = "fp32"
+    output_dir: str = "runs"
+    keep_checkpoints: int = 2
+    eval_every: int = 1
+
+    def validate(self, prefix: str = "train") -> None:
+        _positive(self, prefix, ("epochs", "batch_size", "micro_batch_size", "workers",
+                                 "keep_checkpoints", "eval_every"))
+        for key in ("lr", "lr_backbone", "lr_linear_proj_mult"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{prefix}.{key}: must be >= 0")
+        if self.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"{prefix}.zero_stage: must be 0, 1 or 2, got {self.zero_stage}")
+        per_step = self.micro_batch_size * self.workers
+        if self.batch_size % per_step:
+            raise ConfigError(f"{prefix}.batch_size: total batch {self.batch_size} is not a "
+                              f"multiple of micro_batch_size × workers = {per_step}")
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches each worker accumulates per optimizer step."""
+        return self.batch_size // (self.micro_batch_size * self.workers)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation settings; ``rho_sweep`` re-evaluates a sparse model at other keeping ratios."""
+
+    batch_size: int = 2
+    num_select: int = 100
+    rho_sweep: list[float] = field(default_factory=list)
+
+    def validate(self, prefix: str = "eval") -> None:
+        _positive(self, prefix, ("batch_size", "num_select"))
+        for rho in self.rho_sweep:
+            if not 0.0 < rho <= 1.0:
+                raise ConfigError(f"{prefix}.rho_sweep: {rho} is outside (0, 1]")
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole run: what to build, what to train on, how, and how to evaluate."""
+
+    name: str = "run"
+    preset: Optional[str] = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        self.model.validate("model")
+        self.data.validate("data")
+        self.train.validate("train")
+        self.eval.validate("eval")
+        if self.eval.rho_sweep and self.model.encoder != "sparse":
+            raise ConfigError("eval.rho_sweep: only a sparse encoder (model.encoder=sparse) "
+                              "has a keeping ratio")
+
+
+def _positive(obj: object, prefix: str, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        value = getattr(obj, key)
+        if value <= 0:
+            raise ConfigError(f"{prefix}.{key}: must be > 0, got {value}")

@@ -1,0 +1,232 @@
+"""Start ONE training run: on N Ray Train workers, or in this process (world size 1).
+
+:func:`run_training` prepares the run directory (``<train.output_dir>/<name>`` unless given),
+generates a synthetic dataset once, writes the resolved ``config.yaml``, then runs
+:func:`sdetr.engine.train.train_worker` under a Ray Train ``TorchTrainer`` (gloo on CPU, NCCL
+on GPU) or in this process with a one-rank gloo group. A run whose ``result.json`` says it
+finished all its epochs is not trained again.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from sdetr.config import ConfigError, ExperimentConfig, flatten, load_config, to_dict, to_yaml
+from sdetr.engine import checkpoints as ckpt
+from sdetr.engine.data import ensure_dataset
+from sdetr.engine.deepspeed_engine import accumulation_steps
+from sdetr.engine.train import CONFIG_FILE, RESULT_FILE, WorkerArgs, train_worker
+from sdetr.tracking import DEFAULT_EXPERIMENT, resolve_tracking_uri
+from sdetr.utils.io import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+# Keys that may differ between a run and its resumption (they do not change the optimisation).
+RESUMABLE_CHANGES = ("train.epochs", "train.workers", "train.eval_every",
+                     "train.keep_checkpoints", "train.output_dir", "data.num_workers",
+                     "model.kernel_backend")
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`run_training`.
+
+    status: "finished" (trained now) or "already_finished" (nothing to do); metrics: the
+    final evaluation (AP, AP50, ...); model_path: ``<run_dir>/model_final.pth``.
+    """
+
+    run_dir: Path
+    status: str
+    mlflow_run_id: Optional[str]
+    epochs: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    model_path: Optional[Path] = None
+    seconds: float = 0.0
+
+
+def default_run_dir(cfg: ExperimentConfig) -> Path:
+    """``<train.output_dir>/<name>``."""
+    return Path(cfg.train.output_dir) / cfg.name
+
+
+def read_result(run_dir: Path) -> Optional[dict[str, Any]]:
+    """The ``result.json`` of a finished run, or None."""
+    path = run_dir / RESULT_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run_training(cfg: ExperimentConfig, *, workers: Optional[int] = None,
+                 resume: str = "auto", tracking_uri: Optional[str] = None,
+                 use_ray: bool = True, run_dir: Optional[str | Path] = None,
+                 experiment: str = DEFAULT_EXPERIMENT, parent_run_id: Optional[str] = None,
+                 track: bool = True, max_failures: int = 0, progress: bool = True
+                 ) -> TrainResult:
+    """Train ``cfg`` to the end (or resume it) and return the result.
+
+    Args:
+        workers: Ray Train workers (default ``train.workers``); must be 1 or None without Ray.
+        resume: "auto" (continue from the newest complete checkpoint of the run directory),
+            "never" (delete its checkpoints and result, start over) or a checkpoint folder.
+        tracking_uri: MLflow store (default ``$MLFLOW_TRACKING_URI``, else
+            ``sqlite:///<cwd>/mlflow.db``); experiment / parent_run_id: where the run goes.
+        use_ray: False runs in this process (world size 1; debugging, tests).
+        max_failures: Ray Train restarts of a failed worker group (each resumes from the
+            newest checkpoint).
+    """
+    start = time.perf_counter()
+    world = _world_size(cfg, workers, use_ray)
+    accumulation_steps(cfg.train.batch_size, cfg.train.micro_batch_size, world)  # fail early
+    cfg = _absolute_paths(cfg)
+    run_dir = Path(run_dir or default_run_dir(cfg)).resolve()
+    finished = _prepare_run_dir(cfg, run_dir, resume)
+    if finished is not None:
+        return _result(run_dir, finished, "already_finished", time.perf_counter() - start)
+    ensure_dataset(cfg.data)
+    atomic_write_text(run_dir / CONFIG_FILE, to_yaml(cfg))
+    use_gpu = cfg.train.use_gpu and torch.cuda.is_available()
+    if cfg.train.use_gpu and not use_gpu:
+        logger.warning("train.use_gpu is true but CUDA is not available: training on CPU")
+    args = WorkerArgs(config=to_dict(cfg), run_dir=str(run_dir), resume=resume,
+                      tracking_uri=resolve_tracking_uri(tracking_uri), experiment=experiment,
+                      parent_run_id=parent_run_id, track=track, use_gpu=use_gpu,
+                      under_ray=use_ray, progress=progress)
+    logger.info("training %s in %s: %d worker(s)%s, %d micro-batch(es) per step", cfg.name,
+                run_dir, world, " on Ray" if use_ray else " in this process",
+                accumulation_steps(cfg.train.batch_size, cfg.train.micro_batch_size, world))
+    if use_ray:
+        _run_ray(args, world, use_gpu, max_failures, run_dir)
+    else:
+        _run_plain(args)
+    result = read_result(run_dir)
+    if result is None:
+        raise RuntimeError(f"training ended without writing {run_dir / RESULT_FILE}")
+    return _result(run_dir, result, "finished", time.perf_counter() - start)
+
+
+def _world_size(cfg: ExperimentConfig, workers: Optional[int], use_ray: bool) -> int:
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
+    if not use_ray:
+        if workers not in (None, 1):
+            raise ConfigError(f"--workers {workers} needs Ray; without Ray a run is one process")
+        return 1
+    return workers or cfg.train.workers
+
+
+def _absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """A copy whose data.root and train.output_dir are absolute (Ray workers have another
+    working directory)."""
+    out = copy.deepcopy(cfg)
+    out.data.root = str(Path(cfg.data.root).resolve())
+    out.train.output_dir = str(Path(cfg.train.output_dir).resolve())
+    return out
+
+
+def _prepare_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: str
+                     ) -> Optional[dict[str, Any]]:
+    """Create/clean ``run_dir`` for ``resume``; return result.json if the run is done."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = run_dir / ckpt.CHECKPOINTS
+    if resume == "never":
+        for path in (ckpt_dir, run_dir / RESULT_FILE, run_dir / ckpt.FINAL_MODEL):
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        return None
+    ckpt.remove_partial(ckpt_dir)
+    if resume != "auto":
+        ckpt.read_checkpoint(resume)  # CheckpointError now, not in a worker
+        return None
+    result = read_result(run_dir)
+    if result and result.get("status") == "FINISHED" and result["epochs"] >= cfg.train.epochs:
+        return result
+    if ckpt.find_latest(ckpt_dir) is not None:
+        _check_same_config(cfg, run_dir / CONFIG_FILE)
+    return None
+
+
+def _check_same_config(cfg: ExperimentConfig, saved: Path) -> None:
+    """Refuse to resume a run with a config that changes the optimisation."""
+    if not saved.is_file():
+        return
+    old, new = flatten(load_config(saved)), flatten(cfg)
+    changed = sorted(k for k in set(old) | set(new)
+                     if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+    if changed:
+        details = ", ".join(f"{k}: {old.get(k)} -> {new.get(k)}" for k in changed[:4])
+        raise ConfigError(f"{saved.parent} holds checkpoints of another config ({details}); "
+                          "use --resume never or another --run-dir")
+
+
+def _result(run_dir: Path, result: dict[str, Any], status: str, seconds: float) -> TrainResult:
+    model = result.get("model")
+    return TrainResult(run_dir=run_dir, status=status,
+                       mlflow_run_id=result.get("mlflow_run_id"), epochs=result["epochs"],
+                       metrics=dict(result.get("metrics", {})),
+                       model_path=Path(model) if model else None, seconds=seconds)
+
+
+def _run_plain(args: WorkerArgs) -> None:
+    """World size 1 in this process: a one-rank gloo (NCCL on GPU) group around the worker."""
+    import torch.distributed as dist
+
+    from sdetr.engine.distributed import init_single_process_group
+    init_single_process_group("nccl" if args.use_gpu else "gloo")
+    try:
+        train_worker(dataclasses.asdict(args))
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_ray(args: WorkerArgs, workers: int, use_gpu: bool, max_failures: int,
+             run_dir: Path) -> None:
+    """Run the worker function on ``workers`` Ray Train workers; re-raise a worker's error."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    started = not ray.is_initialized()
+    if started:  # $RAY_ADDRESS joins an existing cluster; otherwise always a fresh local one
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
+                 configure_logging=False)
+    try:
+        trainer = TorchTrainer(
+            train_worker, train_loop_config=dataclasses.asdict(args),
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            run_config=RunConfig(name=f"train-{int(time.time())}",
+                                 storage_path=str(run_dir / "ray"),
+                                 failure_config=FailureConfig(max_failures=max_failures)))
+        _fit(trainer)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _fit(trainer: Any) -> None:
+    """``trainer.fit()``; a worker's exception is re-raised as itself (rank 0's first)."""
+    from ray.exceptions import RayTaskError
+    from ray.train import WorkerGroupError
+
+    try:
+        trainer.fit()
+    except WorkerGroupError as exc:
+        failures = dict(sorted(exc.worker_failures.items()))
+        if not failures:
+            raise
+        cause = next(iter(failures.values()))
+        if isinstance(cause, RayTaskError) and cause.cause is not None:
+            cause = cause.cause
+        raise cause from exc

@@ -1,0 +1,272 @@
+"""The training loop of ONE run, as a Ray Train ``train_loop_per_worker`` or in a plain process.
+
+:func:`train_worker` is what every worker runs. It expects a torch.distributed process group
+(Ray Train makes one; :func:`sdetr.engine.launch.run_training` makes a one-rank gloo group in
+plain mode). Per epoch: train through DeepSpeed (gradient accumulation keeps the total batch),
+step the LR schedule, evaluate on rank 0 when due, log to MLflow from rank 0, write a
+checkpoint. After the last epoch rank 0 writes ``model_final.pth`` and ``result.json``.
+
+MLflow metric names: ``train/<loss key>`` (weighted total ``train/loss`` and every term,
+averaged over the epoch and the workers), ``lr/<group>``, ``time/epoch_s``,
+``time/step_s``, ``eval/<AP key>`` (and ``eval_rho<r>/<AP key>`` for a final rho sweep);
+step = the number of complete epochs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from sdetr.config import config_from_dict, flatten
+from sdetr.engine import checkpoints as ckpt
+from sdetr.engine.data import build_dataset, build_loader, set_loader_epoch
+from sdetr.engine.deepspeed_engine import deepspeed_config, initialize_engine
+from sdetr.engine.distributed import (current_context, one_line, run_on_main,
+                                      seed_everything)
+from sdetr.engine.evaluate import evaluate, evaluate_rho_sweep
+from sdetr.engine.optim import build_optimizer, build_scheduler, group_lrs
+from sdetr.engine.steps import TrainingError, progress_bar, run_epoch
+from sdetr.models import build, save_model_weights
+from sdetr.tracking import DEFAULT_EXPERIMENT, Tracker, make_tracker, run_tags
+from sdetr.utils.io import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+RESULT_FILE = "result.json"
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class WorkerArgs:
+    """What :func:`train_worker` receives (as a plain dict, so Ray can ship it).
+
+    config: ``sdetr.config.to_dict`` of the resolved config; run_dir: absolute run directory;
+    resume: "auto" (newest complete checkpoint of run_dir, if any), "never", or a checkpoint
+    folder; use_gpu: train on ``cuda:<LOCAL_RANK>``; under_ray: report epochs to Ray Train.
+    """
+
+    config: dict[str, Any]
+    run_dir: str
+    resume: str = "auto"
+    tracking_uri: Optional[str] = None
+    experiment: str = DEFAULT_EXPERIMENT
+    parent_run_id: Optional[str] = None
+    track: bool = True
+    use_gpu: bool = False
+    under_ray: bool = False
+    progress: bool = True
+
+
+def train_worker(config: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """Train one run on this worker (every rank calls it); rank 0 returns the result dict."""
+    args = WorkerArgs(**config)
+    cfg = config_from_dict(args.config)
+    ctx = current_context(args.use_gpu)
+    return Trainer(cfg, args, ctx).run()
+
+
+class Trainer:
+    """State of one worker's run: model/engine, loaders, schedule, tracker, progress."""
+
+    def __init__(self, cfg: Any, args: WorkerArgs, ctx: Any) -> None:
+        self.cfg, self.args, self.ctx = cfg, args, ctx
+        self.run_dir = Path(args.run_dir)
+        self.ckpt_dir = self.run_dir / ckpt.CHECKPOINTS
+        train = cfg.train
+        seed_everything(train.seed)  # identical initial weights on every rank
+        built = build(cfg.model, num_select=cfg.eval.num_select)
+        self.kernel_backend = built.kernel_backend
+        self.criterion = built.criterion.to(ctx.device)
+        self.postprocess = built.postprocess
+        model = built.model.to(ctx.device)
+        optimizer = build_optimizer(model, train)
+        self.scheduler = build_scheduler(optimizer, train.lr_drop)
+        self.optimizer = optimizer
+        self.ds_config = deepspeed_config(train, ctx.world_size)
+        self.accumulation = self.ds_config["gradient_accumulation_steps"]
+        self.engine = initialize_engine(model, optimizer, self.ds_config, use_gpu=args.use_gpu)
+        seed_everything(train.seed + ctx.rank)
+        self.train_loader = build_loader(
+            build_dataset(cfg.data, "train"), train.micro_batch_size, shuffle=True,
+            seed=train.seed, num_workers=cfg.data.num_workers, rank=ctx.rank,
+            world_size=ctx.world_size, drop_last=True)
+        self.steps_per_epoch = len(self.train_loader) // self.accumulation
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"the training set is too small for one step of train.batch_size="
+                             f"{train.batch_size} ({len(self.train_loader.dataset)} images)")
+        self.state = ckpt.TrainState(world_size=ctx.world_size, zero_stage=train.zero_stage)
+        self.tracker: Tracker = Tracker()
+        self._val: Any = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def run(self) -> Optional[dict[str, Any]]:
+        self._resume()
+        run_on_main(self.ctx, self._start_tracking)
+        try:
+            while self.state.epoch < self.cfg.train.epochs:
+                self._train_epoch()
+            if self.state.eval_epoch != self.state.epoch:
+                self._evaluate_and_log()
+            return run_on_main(self.ctx, self._write_final)
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+
+    def _resume(self) -> None:
+        if self.args.resume == "never":
+            return
+        if self.args.resume == "auto":
+            info = ckpt.find_latest(self.ckpt_dir)
+        else:
+            info = ckpt.read_checkpoint(self.args.resume)
+        if info is None:
+            return
+        self.state = ckpt.load_checkpoint(self.engine, info, scheduler=self.scheduler,
+                                          ctx=self.ctx)
+        self.state.world_size = self.ctx.world_size
+
+    def _start_tracking(self) -> None:
+        resumed = self.state.mlflow_run_id
+        self.tracker = make_tracker(
+            self.ctx.rank, self.args.tracking_uri, self.args.experiment, self.cfg.name,
+            run_id=resumed, parent_run_id=None if resumed else self.args.parent_run_id,
+            enabled=self.args.track)
+        self.state.mlflow_run_id = self.tracker.start() or None
+        self.tracker.log_params(flatten(self.cfg))
+        tags = run_tags(self.cfg, kernel_backend=self.kernel_backend,
+                        world_size=self.ctx.world_size, device=self.ctx.device.type)
+        tags.update({"sdetr.run_dir": str(self.run_dir),
+                     "sdetr.accumulation_steps": str(self.accumulation)})
+        if resumed:
+            tags["sdetr.resumed_at_epoch"] = str(self.state.epoch)
+        self.tracker.set_tags(tags)
+        config_file = self.run_dir / CONFIG_FILE
+        if not resumed and config_file.is_file():
+            self.tracker.log_artifact(config_file)
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self.ctx.is_main:
+            return
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        if self.tracker.run_id:
+            self.tracker.set_tags({"sdetr.error": one_line(exc)[:5000]})
+        self.tracker.finish(status)
+
+    # ------------------------------------------------------------------ one epoch
+    def _train_epoch(self) -> None:
+        epoch = self.state.epoch  # 0-based index of the epoch about to run
+        set_loader_epoch(self.train_loader, epoch)
+        seed = (self.cfg.train.seed * 1_000_003 + epoch) * 131 + self.ctx.rank
+        self.train_loader.generator.manual_seed(seed)  # augmentation = f(seed, rank, epoch)
+        lrs = group_lrs(self.optimizer)
+        bar = progress_bar(self.steps_per_epoch, f"epoch {epoch + 1}/{self.cfg.train.epochs}",
+                           enabled=self.args.progress and self.ctx.is_main,
+                           under_ray=self.args.under_ray)
+        start = time.perf_counter()
+        losses = run_epoch(self.engine, self.criterion, self.train_loader,
+                           steps=self.steps_per_epoch, accumulation=self.accumulation,
+                           device=self.ctx.device, epoch=epoch + 1,
+                           first_step=self.state.global_step, bar=bar)
+        seconds = time.perf_counter() - start
+        self.scheduler.step()
+        self.state.epoch = epoch + 1
+        self.state.global_step += self.steps_per_epoch
+        metrics = {f"train/{k}": v for k, v in losses.items()}
+        metrics.update(lrs)
+        metrics.update({"time/epoch_s": seconds, "time/step_s": seconds / self.steps_per_epoch})
+        logger.info("epoch %d/%d: loss %.4f, %.1f s (%.2f s/step)", epoch + 1,
+                    self.cfg.train.epochs, losses["loss"], seconds,
+                    seconds / self.steps_per_epoch)
+        run_on_main(self.ctx, lambda: self._log(metrics))
+        every = self.cfg.train.eval_every
+        if self.state.epoch % every == 0 or self.state.epoch == self.cfg.train.epochs:
+            self._evaluate_and_log()
+        self._report_to_ray(metrics)
+        ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.state, scheduler=self.scheduler,
+                             model_cfg=self.cfg.model, ctx=self.ctx,
+                             keep=self.cfg.train.keep_checkpoints)
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        self.tracker.log_metrics(metrics, self.state.epoch)
+        self.tracker.flush()
+
+    def _report_to_ray(self, metrics: dict[str, float]) -> None:
+        if not self.args.under_ray:
+            return
+        import ray.train
+        report = dict(metrics, epoch=self.state.epoch)
+        report.update({f"eval/{k}": v for k, v in self.state.last_eval.items()})
+        ray.train.report(report)
+
+    # ------------------------------------------------------------------ evaluation
+    def _evaluate_and_log(self) -> None:
+        """Evaluate on rank 0 (one process over the whole val split), log, remember."""
+        metrics = run_on_main(self.ctx, self._evaluate)
+        self.state.eval_epoch = self.state.epoch
+        if self.ctx.is_main and metrics is not None:
+            self.state.last_eval = metrics
+
+    def _evaluate(self) -> dict[str, float]:
+        if self._val is None:
+            dataset = build_dataset(self.cfg.data, "val")
+            loader = build_loader(dataset, self.cfg.eval.batch_size, shuffle=False,
+                                  seed=self.cfg.train.seed, num_workers=self.cfg.data.num_workers)
+            self._val = (loader, dataset.coco)
+        loader, coco_gt = self._val
+        final = self.state.epoch == self.cfg.train.epochs
+        model = self._eval_model()
+        out_dir = self.run_dir / "eval"
+        result = evaluate(model, self.postprocess, loader, coco_gt, device=self.ctx.device,
+                          detections_path=out_dir / "detections_final.json" if final else None,
+                          progress=self.args.progress)
+        record: dict[str, Any] = {"epoch": self.state.epoch, "metrics": result.metrics,
+                                  "extra": result.extra, "num_images": result.num_images,
+                                  "seconds": result.seconds}
+        logged = {f"eval/{k}": v for k, v in {**result.metrics, **result.extra}.items()}
+        if final and self.cfg.eval.rho_sweep:
+            sweep = evaluate_rho_sweep(model, self.postprocess, loader, coco_gt,
+                                       rhos=self.cfg.eval.rho_sweep, device=self.ctx.device,
+                                       progress=self.args.progress)
+            record["rho_sweep"] = {str(r): res.metrics for r, res in sweep.items()}
+            for rho, res in sweep.items():
+                logged.update({f"eval_rho{rho:g}/{k}": v for k, v in res.metrics.items()})
+        path = out_dir / f"metrics_{ckpt.checkpoint_tag(self.state.epoch)}.json"
+        atomic_write_text(path, json.dumps(record, indent=2))
+        self.tracker.log_metrics(logged, self.state.epoch)
+        self.tracker.log_artifact(path, "eval")
+        self.tracker.flush()
+        return dict(result.metrics)
+
+    def _eval_model(self) -> torch.nn.Module:
+        """The trained module in fp32 (a float copy when DeepSpeed holds it in bf16)."""
+        module = self.engine.module
+        if next(module.parameters()).dtype == torch.float32:
+            return module
+        import copy
+        return copy.deepcopy(module).float()
+
+    # ------------------------------------------------------------------ end of run
+    def _write_final(self) -> dict[str, Any]:
+        model_path = save_model_weights(self.run_dir / ckpt.FINAL_MODEL, self._eval_model(),
+                                        self.cfg.model)
+        result = {"status": "FINISHED", "name": self.cfg.name,
+                  "mlflow_run_id": self.state.mlflow_run_id, "epochs": self.state.epoch,
+                  "global_step": self.state.global_step, "metrics": self.state.last_eval,
+                  "model": str(model_path), "world_size": self.ctx.world_size,
+                  "kernel_backend": self.kernel_backend}
+        atomic_write_text(self.run_dir / RESULT_FILE, json.dumps(result, indent=2))
+        self.tracker.log_artifact(self.run_dir / RESULT_FILE)
+        self.tracker.finish("FINISHED")
+        logger.info("run %s finished: %s", self.cfg.name,
+                    ", ".join(f"{k} {v:.4f}" for k, v in self.state.last_eval.items()))
+        return result
+
+
+__all__ = ["RESULT_FILE", "CONFIG_FILE", "Trainer", "TrainingError", "WorkerArgs",
+           "train_worker"]

@@ -1,0 +1,59 @@
+"""Backbones: ResNet-18/34/50 and Swin-T on timm, C3/C4/C5 maps at strides 8/16/32.
+
+``build_backbone(name, ...)`` is the entry point used by the model builder.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from sdetr.models.backbone.base import Backbone, FrozenBatchNorm2d, LoadReport, freeze_batch_norm
+from sdetr.models.backbone.resnet import RESNET_CHANNELS, RESNET_LAYERS, ResNetBackbone
+from sdetr.models.backbone.swin import SWIN_OFFICIAL_KEY_MAP, SwinBackbone, swin_official_to_ours
+from sdetr.models.backbone.weights import load_backbone_weights, read_state_dict
+
+logger = logging.getLogger(__name__)
+
+BACKBONE_NAMES: tuple[str, ...] = ("resnet50", "resnet34", "resnet18", "swin_t")
+_DEFAULT_FROZEN_BN: dict[str, bool] = {"resnet50": True, "resnet34": True, "resnet18": False}
+_PAPER_TRAIN_LAYERS: tuple[str, ...] = ("layer2", "layer3", "layer4")
+
+
+def build_backbone(name: str, *, frozen_bn: Optional[bool] = None, weights: Optional[str] = None,
+                   drop_path_rate: float = 0.2, train_all: bool = False) -> Backbone:
+    """Build a backbone by name and optionally load a local weights file.
+
+    Args:
+        name: "resnet50", "resnet34", "resnet18" or "swin_t".
+        frozen_bn: ResNets only. None → True for resnet50/resnet34 (paper setup), False for
+            resnet18 (meant for from-scratch CPU presets). swin_t has no BatchNorm: None or True
+            is accepted and means nothing, False raises.
+        weights: local file (torchvision/timm ResNet, official or timm Swin, or a saved backbone
+            state_dict); None keeps the random init. The report is ``backbone.load_report``.
+        drop_path_rate: swin_t stochastic depth (ignored by ResNets).
+        train_all: make every parameter trainable. False: paper freezing, i.e. ResNet stem +
+            layer1 frozen, Swin patch embedding + stage 1 (with its merging) frozen.
+    """
+    if name not in BACKBONE_NAMES:
+        raise ValueError(f"build_backbone: unknown backbone {name!r}; expected one of {BACKBONE_NAMES}")
+    if name == "swin_t":
+        if frozen_bn is False:
+            raise ValueError("build_backbone: frozen_bn=False does not apply to swin_t (it has no BatchNorm)")
+        backbone: Backbone = SwinBackbone(drop_path_rate=drop_path_rate, frozen_stages=-1 if train_all else 2)
+    else:
+        use_frozen_bn = _DEFAULT_FROZEN_BN[name] if frozen_bn is None else frozen_bn
+        train_layers = RESNET_LAYERS if train_all else _PAPER_TRAIN_LAYERS
+        backbone = ResNetBackbone(name, frozen_bn=use_frozen_bn, train_layers=train_layers)
+    if weights is not None:
+        backbone.load_weights(weights)
+    else:
+        logger.info("backbone %s: no weights file, random init", name)
+    return backbone
+
+
+__all__ = [
+    "BACKBONE_NAMES", "Backbone", "FrozenBatchNorm2d", "LoadReport", "RESNET_CHANNELS", "RESNET_LAYERS",
+    "ResNetBackbone", "SWIN_OFFICIAL_KEY_MAP", "SwinBackbone", "build_backbone", "freeze_batch_norm",
+    "load_backbone_weights", "read_state_dict", "swin_official_to_ours",
+]

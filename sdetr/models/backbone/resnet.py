@@ -1,0 +1,72 @@
+"""ResNet backbones (REFERENCE §2.1): timm ResNet, torchvision key names, C3/C4/C5 outputs."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import timm
+from torch import Tensor
+
+from sdetr.models.backbone.base import Backbone, freeze_batch_norm, set_trainable
+
+RESNET_CHANNELS: dict[str, list[int]] = {
+    "resnet18": [128, 256, 512],
+    "resnet34": [128, 256, 512],
+    "resnet50": [512, 1024, 2048],
+}
+RESNET_LAYERS: tuple[str, ...] = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
+"""Top-level parameter groups of the body; ``train_layers=RESNET_LAYERS`` trains everything."""
+
+
+class ResNetBackbone(Backbone):
+    """timm ResNet without classifier: returns the outputs of layer2, layer3, layer4.
+
+    Output maps (B, C, ceil(H/s), ceil(W/s)) for s = 8, 16, 32, any input H, W; C = 512/1024/2048
+    (resnet50) or 128/256/512 (resnet18/34). State_dict keys ``body.conv1.weight``,
+    ``body.layer1.0.conv1.weight``, ``body.layer1.0.downsample.{0,1}.*``, ... (torchvision names).
+    No ``fc`` / pooling parameters exist. Initialised like torchvision (last BN of each block
+    starts at weight 1, not timm's zero init, so a frozen-BN net without weights is not degenerate).
+
+    Args:
+        name: "resnet50", "resnet34" or "resnet18".
+        frozen_bn: replace every BatchNorm2d by FrozenBatchNorm2d (paper setup; their affine
+            parameters then are buffers, not parameters). False keeps trainable BatchNorm.
+        train_layers: top-level groups (see RESNET_LAYERS) whose parameters train; all other
+            parameters get requires_grad=False. Default: stem and layer1 frozen (paper).
+    """
+
+    def __init__(self, name: str = "resnet50", frozen_bn: bool = True,
+                 train_layers: tuple[str, ...] = ("layer2", "layer3", "layer4")) -> None:
+        super().__init__()
+        if name not in RESNET_CHANNELS:
+            raise ValueError(f"ResNetBackbone: unknown name {name!r}; "
+                             f"expected one of {sorted(RESNET_CHANNELS)}")
+        unknown = [layer for layer in train_layers if layer not in RESNET_LAYERS]
+        if unknown:
+            raise ValueError(f"ResNetBackbone: unknown train_layers {unknown}; "
+                             f"expected names from {RESNET_LAYERS}")
+        self.name = name
+        self.body = timm.create_model(name, pretrained=False, num_classes=0, global_pool="",
+                                      zero_init_last=False)
+        if frozen_bn:
+            freeze_batch_norm(self.body)
+        set_trainable(self.body, tuple(train_layers))
+        self.out_channels = list(RESNET_CHANNELS[name])
+        self.strides = [8, 16, 32]
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        """images (B, 3, H, W) → [C3 (B, C, ⌈H/8⌉, ⌈W/8⌉), C4 (…/16), C5 (…/32)]."""
+        body = self.body
+        x = body.maxpool(body.act1(body.bn1(body.conv1(images))))
+        c3 = body.layer2(body.layer1(x))
+        c4 = body.layer3(c3)
+        c5 = body.layer4(c4)
+        return [c3, c4, c5]
+
+    def translate_external_state_dict(
+            self, state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+        """torchvision/timm ResNet keys → ``body.<key>``; the classifier ``fc.*`` is ignored."""
+        ignored = [k for k in state_dict if k.startswith("fc.")]
+        kept = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
+        translated, more_ignored = super().translate_external_state_dict(kept)
+        return translated, ignored + more_ignored

@@ -1,0 +1,114 @@
+"""Query selection seam: where the decoder's queries and reference points come from.
+
+REFERENCE §6.2. Two implementations:
+
+* :class:`LearnedQueries` — plain / box-refine Deformable DETR: a learned embedding gives the
+  content query and its positional part; a Linear maps the latter to a 2-d reference point.
+* :class:`TopKQueries` — two-stage Deformable DETR, Efficient DETR and Sparse DETR: a head on
+  every encoder token scores it and predicts a box from its anchor; the top-Q tokens become
+  queries with 4-d box references.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from sdetr.models.heads import make_box_head, make_class_head
+from sdetr.models.neck import FeatureSet
+from sdetr.models.position import box_sine_embedding
+from sdetr.models.proposals import ProposalProjection, proposal_anchors
+
+
+@dataclass
+class QuerySet:
+    """Decoder input.
+
+    tgt: (B, Q, C) content queries. query_pos: (B, Q, C) positional queries.
+    reference: (B, Q, 2) or (B, Q, 4) in [0, 1], cx,cy(,w,h) of the valid (unpadded) image.
+    enc_outputs: predictions of the token head for the two-stage loss (None for learned
+    queries): {"pred_logits": (B, N, K), "pred_boxes": (B, N, 4), "class_specific": bool}.
+    """
+
+    tgt: Tensor
+    query_pos: Tensor
+    reference: Tensor
+    enc_outputs: Optional[dict[str, Any]] = None
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+
+class LearnedQueries(nn.Module):
+    """``query_embed`` (Q, 2C) split into pos (first C) and content (last C) + a 2-d reference."""
+
+    def __init__(self, num_queries: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.query_embed = nn.Embedding(num_queries, hidden_dim * 2)
+        self.reference_points = nn.Linear(hidden_dim, 2)
+
+    def forward(self, memory: Tensor, feats: FeatureSet,
+                proposals: Optional[ProposalProjection]) -> QuerySet:
+        """memory (B, N, C) is unused; the queries are the same for every image."""
+        batch = memory.shape[0]
+        query_pos, tgt = self.query_embed.weight.split(memory.shape[-1], dim=1)
+        query_pos = query_pos.unsqueeze(0).expand(batch, -1, -1)
+        tgt = tgt.unsqueeze(0).expand(batch, -1, -1)
+        return QuerySet(tgt=tgt, query_pos=query_pos,
+                        reference=self.reference_points(query_pos).sigmoid())
+
+
+class TopKQueries(nn.Module):
+    """Top-Q encoder tokens become the decoder's queries (two-stage / Efficient / Sparse).
+
+    Args:
+        num_queries: Q, the number of tokens kept.
+        class_specific: objectness = max class logit and the token head is trained with the
+            real labels (Efficient/Sparse DETR's ``eff_specific_head``); otherwise logit 0 is a
+            binary foreground score (Deformable DETR two-stage).
+        content_from_memory: content queries are the selected memory rows and ``pos_trans``
+            maps 4·C/2 → C (Efficient/Sparse ``eff_query_init``); otherwise both content and
+            positional queries come from ``pos_trans`` (2C → 2C).
+    Submodules: ``class_embed``/``bbox_embed`` (the official head index ``dec_layers``),
+    ``pos_trans`` and ``pos_trans_norm``.
+    """
+
+    def __init__(self, num_queries: int, hidden_dim: int, num_classes: int,
+                 class_specific: bool, content_from_memory: bool) -> None:
+        super().__init__()
+        self.num_queries = num_queries
+        self.class_specific = class_specific
+        self.content_from_memory = content_from_memory
+        out_dim = hidden_dim if content_from_memory else 2 * hidden_dim
+        self.class_embed = make_class_head(hidden_dim, num_classes)
+        self.bbox_embed = make_box_head(hidden_dim, wh_bias=0.0)
+        self.pos_trans = nn.Linear(2 * hidden_dim, out_dim)
+        self.pos_trans_norm = nn.LayerNorm(out_dim)
+
+    def forward(self, memory: Tensor, feats: FeatureSet,
+                proposals: Optional[ProposalProjection]) -> QuerySet:
+        """memory (B, N, C) → the Q highest-scoring tokens as queries with 4-d references."""
+        if proposals is None:
+            raise RuntimeError("TopKQueries needs the detector's proposal projection")
+        anchors, invalid = proposal_anchors(feats)
+        projected = proposals(memory, invalid)
+        logits = self.class_embed(projected)
+        coords = self.bbox_embed(projected) + anchors
+        score = logits.max(-1).values if self.class_specific else logits[..., 0]
+        k = min(self.num_queries, score.shape[1])
+        topk = torch.topk(score, k, dim=1).indices
+        ref_unact = torch.gather(coords, 1, topk.unsqueeze(-1).expand(-1, -1, 4)).detach()
+        reference = ref_unact.sigmoid()
+        hidden = memory.shape[-1]
+        embed = self.pos_trans_norm(self.pos_trans(box_sine_embedding(reference,
+                                                                      num_pos_feats=hidden // 2)))
+        if self.content_from_memory:
+            query_pos = embed
+            tgt = torch.gather(memory, 1, topk.unsqueeze(-1).expand(-1, -1, hidden))
+        else:
+            query_pos, tgt = embed.split(hidden, dim=-1)
+        enc_outputs = {"pred_logits": logits, "pred_boxes": coords.sigmoid(),
+                       "class_specific": self.class_specific}
+        return QuerySet(tgt=tgt, query_pos=query_pos, reference=reference,
+                        enc_outputs=enc_outputs, extras={"topk_indices": topk})
