@@ -12,6 +12,8 @@
 
 #include <string>
 
+#include "cpu/cpu_kernels.h"
+
 #define SDETR_STR_(...) #__VA_ARGS__
 #define SDETR_STR(...) SDETR_STR_(__VA_ARGS__)
 
@@ -74,7 +76,8 @@ std::string build_info() {
   const bool openmp = false;
 #endif
   return std::string("{") + "\"compiler\": \"" + compiler_name() + "\", \"cxx_flags\": \"" + cxx_flags +
-         "\", \"simd\": \"" + simd_flags() + "\", \"openmp\": " + json_bool(openmp) +
+         "\", \"simd\": \"" + simd_flags() + "\", \"cpu_capability\": \"" + cpu_capability() +
+         "\", \"openmp\": " + json_bool(openmp) +
          ", \"cuda\": " + json_bool(with_cuda) + ", \"cuda_archs\": \"" + archs + "\", \"torch_version\": \"" +
          TORCH_VERSION + "\"}";
 }
@@ -93,6 +96,12 @@ TORCH_LIBRARY(sdetr_C, m) {
   m.def(
       "dam_splat(Tensor sampling_locations, Tensor attention_weights, Tensor spatial_shapes, "
       "Tensor level_start_index, int num_tokens) -> Tensor");
+  m.def(
+      "kda_forward(Tensor query, Tensor key, Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
+      "Tensor sampling_locations) -> (Tensor, Tensor)");
+  m.def(
+      "kda_backward(Tensor grad_output, Tensor grad_attention_weights, Tensor query, Tensor key, Tensor value, "
+      "Tensor spatial_shapes, Tensor level_start_index, Tensor sampling_locations) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("build_info() -> str", &sdetr_kernels::build_info);
 }
 

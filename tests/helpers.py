@@ -9,7 +9,7 @@ from sdetr.config import ExperimentConfig, load_config
 # Smallest sensible settings: width 64, 2+2 layers, 20 queries (seconds per step on 2 cores).
 MICRO = ["model.hidden_dim=64", "model.nheads=4", "model.dim_feedforward=128",
          "model.enc_layers=2", "model.dec_layers=2", "model.num_queries=20",
-         "model.num_classes=20", "model.dropout=0.0"]
+         "model.num_classes=24", "model.dropout=0.0"]
 
 
 def micro_config(preset: str, *extra: str) -> ExperimentConfig:

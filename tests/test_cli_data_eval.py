@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sdetr.cli import main
-from sdetr.config import load_config
+from sdetr.config import load_config, unflatten
 from sdetr.engine import METRIC_KEYS
 from sdetr.models import build_model, save_model_weights
 
@@ -80,9 +80,9 @@ def test_eval_weights_file_writes_metrics_and_an_mlflow_run(weights, tmp_path, m
     client = mlflow.MlflowClient(tracking_uri=uri)
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    assert run.data.params["model.hidden_dim"] == "64"
-    assert run.data.params["eval.checkpoint_format"] == "sdetr-weights"
-    assert run.data.metrics["val/AP"] == result["metrics"]["AP"]
+    assert unflatten(run.data.params) == load_config("deformable_detr_tiny", overrides)
+    assert run.data.tags["sdetr.checkpoint_format"] == "sdetr-weights"
+    assert run.data.metrics["eval/AP"] == result["metrics"]["AP"]
     assert run.data.tags["sdetr.run_type"] == "eval"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "metrics.json", "detections.json"} <= artifacts
@@ -104,3 +104,18 @@ def test_eval_missing_checkpoint_is_one_line(tmp_path, capsys):
     assert main(args) == 2
     _one_error_line(capsys.readouterr().err, str(missing))
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_loads_a_training_run_folder(weights, tmp_path):
+    from sdetr.engine import checkpoints
+    from sdetr.engine.eval_run import load_weights
+    path, overrides = weights
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / checkpoints.FINAL_MODEL).write_bytes(path.read_bytes())
+    cfg = load_config("deformable_detr_tiny", overrides)
+    model = build_model(cfg.model)
+    assert load_weights(model, cfg, run_dir, official=False) == "sdetr-run"
+    saved = torch.load(path, weights_only=True)["model"]
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    assert load_weights(model, cfg, path, official=False) == "sdetr-weights"

@@ -206,20 +206,23 @@ def test_reference_backends_registered_and_reported(registry):
     assert "reference" in ops.available_backends("dam_splat")
     assert ops.available_backends("no_such_op") == []
     with ops.use_backend("reference"):
-        assert ops.backend_report() == {"ms_deform_attn": "reference", "dam_splat": "reference"}
+        assert ops.backend_report() == {"ms_deform_attn": "reference", "dam_splat": "reference",
+                                        "kda": "reference"}
     registry.pop("dam_splat")
+    registry.pop("kda")
     registry["ms_deform_attn"].pop("compiled", None)
     assert ops.backend_report() == {"ms_deform_attn": "reference"}
 
 
 def test_automatic_choice_prefers_compiled_when_registered(registry):
-    registry["ms_deform_attn"].pop("compiled", None)
-    registry["dam_splat"].pop("compiled", None)
+    for op in ("ms_deform_attn", "dam_splat", "kda"):
+        registry[op].pop("compiled", None)
     assert ops.resolve_backend("ms_deform_attn") == "reference"
     backends.register_backend("ms_deform_attn", "compiled", ops.ms_deform_attn_pytorch, None)
     assert ops.resolve_backend("ms_deform_attn") == "compiled"
     assert ops.resolve_backend("ms_deform_attn", "auto") == "compiled"
-    assert ops.backend_report() == {"ms_deform_attn": "compiled", "dam_splat": "reference"}
+    assert ops.backend_report() == {"ms_deform_attn": "compiled", "dam_splat": "reference",
+                                    "kda": "reference"}
     with ops.use_backend("compiled"):  # dam_splat has no compiled backend: raise, never fall back
         with pytest.raises(BackendUnavailableError, match="'compiled'.*'dam_splat'"):
             ops.resolve_backend("dam_splat")

@@ -22,6 +22,9 @@ struct BilinearSample {
 
 // Fill `s` for the location (x, y) in a level of size (height, width); false if the sample is skipped.
 template <typename acc_t>
+#if defined(__GNUC__)
+__attribute__((always_inline))
+#endif
 inline bool msda_corners(acc_t x, acc_t y, int64_t height, int64_t width, BilinearSample<acc_t>& s) {
   const acc_t w = x * static_cast<acc_t>(width) - acc_t(0.5);
   const acc_t h = y * static_cast<acc_t>(height) - acc_t(0.5);

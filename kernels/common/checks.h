@@ -18,17 +18,13 @@ struct Level {
   int64_t start;
 };
 
-// value (B, N, M, D); sampling_locations (B, Q, M, L, P, 2); attention_weights (B, Q, M, L, P);
-// spatial_shapes (L, 2) int64; level_start_index (L,) int64; all on value's device, same float dtype.
-inline void check_msda_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
-                              const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
-                              const at::Tensor& attention_weights) {
+// value (B, N, M, D); sampling_locations (B, Q, M, L, P, 2) in value's dtype;
+// spatial_shapes (L, 2) int64; level_start_index (L,) int64; all on value's device.
+inline void check_sampling_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                  const at::Tensor& level_start_index, const at::Tensor& sampling_locations) {
   TORCH_CHECK_VALUE(value.dim() == 4, "value must be (B, N, M, D), got ", value.sizes());
   TORCH_CHECK_VALUE(sampling_locations.dim() == 6 && sampling_locations.size(5) == 2,
                     "sampling_locations must be (B, Q, M, L, P, 2), got ", sampling_locations.sizes());
-  TORCH_CHECK_VALUE(attention_weights.sizes() == sampling_locations.sizes().slice(0, 5),
-                    "attention_weights shape ", attention_weights.sizes(),
-                    " must equal sampling_locations.shape[:-1] = ", sampling_locations.sizes().slice(0, 5));
   TORCH_CHECK_VALUE(sampling_locations.size(0) == value.size(0) && sampling_locations.size(2) == value.size(2),
                     "sampling_locations (B, M) = (", sampling_locations.size(0), ", ", sampling_locations.size(2),
                     ") do not match value (B, M) = (", value.size(0), ", ", value.size(2), ")");
@@ -41,14 +37,28 @@ inline void check_msda_inputs(const at::Tensor& value, const at::Tensor& spatial
                         level_start_index.scalar_type() == at::kLong,
                     "level_start_index must be int64 of shape (", levels, ",), got ",
                     level_start_index.scalar_type(), " ", level_start_index.sizes());
-  TORCH_CHECK_TYPE(value.scalar_type() == sampling_locations.scalar_type() &&
-                       value.scalar_type() == attention_weights.scalar_type(),
-                   "value, sampling_locations and attention_weights must share a dtype, got ", value.scalar_type(),
-                   ", ", sampling_locations.scalar_type(), ", ", attention_weights.scalar_type());
-  for (const at::Tensor* t : {&spatial_shapes, &level_start_index, &sampling_locations, &attention_weights}) {
+  TORCH_CHECK_TYPE(value.scalar_type() == sampling_locations.scalar_type(),
+                   "value and sampling_locations must share a dtype, got ", value.scalar_type(), ", ",
+                   sampling_locations.scalar_type());
+  for (const at::Tensor* t : {&spatial_shapes, &level_start_index, &sampling_locations}) {
     TORCH_CHECK_VALUE(t->device() == value.device(), "all inputs must be on value's device ", value.device(),
                       ", got a tensor on ", t->device());
   }
+}
+
+// check_sampling_inputs plus attention_weights (B, Q, M, L, P) in value's dtype on value's device.
+inline void check_msda_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                              const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                              const at::Tensor& attention_weights) {
+  check_sampling_inputs(value, spatial_shapes, level_start_index, sampling_locations);
+  TORCH_CHECK_VALUE(attention_weights.sizes() == sampling_locations.sizes().slice(0, 5),
+                    "attention_weights shape ", attention_weights.sizes(),
+                    " must equal sampling_locations.shape[:-1] = ", sampling_locations.sizes().slice(0, 5));
+  TORCH_CHECK_TYPE(value.scalar_type() == attention_weights.scalar_type(),
+                   "value, sampling_locations and attention_weights must share a dtype, got ", value.scalar_type(),
+                   ", ", sampling_locations.scalar_type(), ", ", attention_weights.scalar_type());
+  TORCH_CHECK_VALUE(attention_weights.device() == value.device(), "all inputs must be on value's device ",
+                    value.device(), ", got a tensor on ", attention_weights.device());
 }
 
 // Read the level table on the host and check it: sum of H*W must be num_tokens and

@@ -14,6 +14,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -75,7 +76,9 @@ void splat_kernel(const SplatSizes& sz, const std::vector<Level>& levels, const 
     splat_rows<scalar_t>(sz, levels, loc, attn, 0, rows, buffers);
     return;
   }
-  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+  // At least ~4096 samples per chunk: small problems run on the calling thread.
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, sz.levels * sz.points));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     const int64_t tid = at::get_thread_num();
     TORCH_CHECK(tid < num_buffers, "dam_splat: thread id ", tid, " >= number of buffers ", num_buffers);
     splat_rows<scalar_t>(sz, levels, loc, attn, begin, end, buffers + tid * sz.batch * sz.tokens);

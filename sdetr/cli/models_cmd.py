@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
         print_json(rows)
         return 0
     width = max(len(r["name"]) for r in rows)
+    enc = max(len(r["encoder"]) for r in rows)
     for r in rows:
-        print(f"{r['name']:<{width}}  {r['backbone']:<8} {r['encoder']:<6} {r['queries']:<9} "
-              f"refine={r['box_refine']:<5}  {r['description']}")
+        print(f"{r['name']:<{width}}  {r['backbone']:<8} {r['encoder']:<{enc}} "
+              f"{r['queries']:<9} refine={r['box_refine']:<5}  {r['description']}")
     return 0

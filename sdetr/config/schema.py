@@ -18,9 +18,10 @@ from sdetr.config.errors import ConfigError
 
 BackboneName = Literal["resnet50", "resnet34", "resnet18", "swin_t"]
 QuerySource = Literal["learned", "two_stage", "topk"]
-EncoderKind = Literal["dense", "sparse", "interleaved"]
+EncoderKind = Literal["dense", "sparse", "interleaved", "sparse_interleaved"]
 TokenSelection = Literal["dam", "objectness", "random"]
 AttentionKind = Literal["deformable", "key_aware"]
+LiteVariant = Literal["paper", "code"]
 KernelBackend = Literal["auto", "reference", "compiled"]
 Precision = Literal["fp32", "bf16"]
 
@@ -67,6 +68,18 @@ class ModelConfig:
       ``queries=two_stage, box_refine=true``.
     * Efficient DETR (the paper's "Top-k & BBR" row): ``queries=topk, box_refine=true``.
     * Sparse DETR: Efficient DETR + ``encoder=sparse`` with ``rho`` and ``enc_aux_loss``.
+    * Lite-DETR (REFERENCE §9): Efficient DETR + ``encoder=interleaved`` +
+      ``attention=key_aware``; the name H{h}L{L-h}-(A+1)×B is ``lite_high_levels=h``,
+      ``lite_high_updates=A``, ``lite_blocks=B``.
+    * Sparse + Lite: ``encoder=sparse_interleaved``: the interleaved encoder whose low-level
+      updates refine only the low-level tokens a Sparse DETR scorer selects (``rho`` over the
+      valid low-level tokens, ``token_selection``).
+
+    ``attention`` picks the deformable attention of the encoder AND the decoder cross-attention:
+    ``deformable`` (MSDA) or ``key_aware`` (KDA, weights from query–key similarity).
+
+    The interleaved encoders derive their layer count from ``lite_*`` (see
+    :attr:`num_encoder_layers`); ``enc_layers`` is read by the dense and sparse encoders only.
     """
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -88,6 +101,12 @@ class ModelConfig:
     enc_aux_loss: bool = False
     token_selection: TokenSelection = "dam"
     attention: AttentionKind = "deformable"
+    # Lite-DETR interleaved encoder (encoder=interleaved|sparse_interleaved only):
+    lite_high_levels: int = 3  # h: the h smallest maps are high-level tokens (H3L1: 3, H2L2: 2)
+    lite_high_updates: int = 6  # A: high-level updates per block
+    lite_blocks: int = 1  # B: blocks (each: A high-level updates, then one low-level update)
+    lite_variant: LiteVariant = "paper"  # paper: (A+1)·B layers; code: release's fused A·B layers
+    kda_proj_key: bool = False  # KDA: own key projection (False: keys = projected values)
     kernel_backend: KernelBackend = "auto"
     loss: LossConfig = field(default_factory=LossConfig)
 
@@ -111,30 +130,69 @@ class ModelConfig:
         if self.queries != "learned" and not self.box_refine:
             raise ConfigError(f"{prefix}.box_refine: queries={self.queries!r} needs "
                               "box_refine=true (two-stage proposals are refined)")
-        if self.encoder == "sparse" and self.queries == "learned":
-            raise ConfigError(f"{prefix}.encoder: 'sparse' needs queries 'two_stage' or 'topk' "
-                              "(its scoring network shares the proposal projection)")
-        if self.encoder != "sparse" and self.token_selection != "dam":
-            raise ConfigError(f"{prefix}.token_selection: only meaningful with encoder=sparse")
+        if self.selects_tokens and self.queries == "learned":
+            raise ConfigError(f"{prefix}.encoder: {self.encoder!r} needs queries 'two_stage' or "
+                              "'topk' (its scoring network shares the proposal projection)")
+        if not self.selects_tokens and self.token_selection != "dam":
+            raise ConfigError(f"{prefix}.token_selection: only meaningful with "
+                              "encoder=sparse|sparse_interleaved")
         if self.enc_aux_loss and self.encoder != "sparse":
             raise ConfigError(f"{prefix}.enc_aux_loss: only the sparse encoder has auxiliary "
                               f"heads, got {prefix}.encoder={self.encoder!r}")
         if self.enc_aux_loss and self.enc_layers < 2:
             raise ConfigError(f"{prefix}.enc_aux_loss: needs enc_layers >= 2")
-        if self.encoder != "dense" and self.enc_layers == 0:
+        if self.encoder == "sparse" and self.enc_layers == 0:
             raise ConfigError(f"{prefix}.enc_layers: encoder={self.encoder!r} needs >= 1 layer")
         if self.queries != "learned" and self.num_feature_levels < 1:
             raise ConfigError(f"{prefix}.num_feature_levels: must be >= 1")
-        if self.encoder == "interleaved" or self.attention == "key_aware":
-            raise ConfigError(f"{prefix}.encoder: the Lite-DETR interleaved encoder and "
-                              "key-aware attention are not available yet")
+        self._validate_lite(prefix)
         if self.backbone.name != "swin_t" and self.backbone.drop_path_rate != 0.2:
             raise ConfigError(f"{prefix}.backbone.drop_path_rate: only used by swin_t")
+
+    def _validate_lite(self, prefix: str) -> None:
+        """Rules of the interleaved encoders and of key-aware attention."""
+        if self.kda_proj_key and self.attention != "key_aware":
+            raise ConfigError(f"{prefix}.kda_proj_key: only used with attention=key_aware, got "
+                              f"{prefix}.attention={self.attention!r}")
+        if not self.interleaved:
+            for key in LITE_KEYS:
+                if getattr(self, key) != getattr(ModelConfig, key):
+                    raise ConfigError(f"{prefix}.{key}: only used by encoder=interleaved|"
+                                      f"sparse_interleaved, got {prefix}.encoder={self.encoder!r}")
+            return
+        levels = self.num_feature_levels
+        if not 1 <= self.lite_high_levels <= levels - 1:
+            raise ConfigError(f"{prefix}.lite_high_levels: must be in [1, num_feature_levels - 1 "
+                              f"= {levels - 1}], got {self.lite_high_levels}")
+        if self.lite_high_updates < 1:
+            raise ConfigError(f"{prefix}.lite_high_updates: must be >= 1, got "
+                              f"{self.lite_high_updates}")
+        if self.lite_blocks < 1:
+            raise ConfigError(f"{prefix}.lite_blocks: must be >= 1, got {self.lite_blocks}")
 
     @property
     def two_stage(self) -> bool:
         """True when decoder queries come from encoder tokens (two-stage or top-k)."""
         return self.queries != "learned"
+
+    @property
+    def interleaved(self) -> bool:
+        """True for Lite-DETR's interleaved encoders (plain or with token selection)."""
+        return self.encoder in ("interleaved", "sparse_interleaved")
+
+    @property
+    def selects_tokens(self) -> bool:
+        """True when a Sparse DETR scorer selects encoder tokens (``rho``, ``token_selection``)."""
+        return self.encoder in ("sparse", "sparse_interleaved")
+
+    @property
+    def num_encoder_layers(self) -> int:
+        """Encoder layers actually built: ``enc_layers``, or for the interleaved encoders
+        (A + 1)·B (paper) / A·B (code)."""
+        if not self.interleaved:
+            return self.enc_layers
+        per_block = self.lite_high_updates + (1 if self.lite_variant == "paper" else 0)
+        return per_block * self.lite_blocks
 
 
 @dataclass
@@ -253,9 +311,13 @@ class ExperimentConfig:
         self.data.validate("data")
         self.train.validate("train")
         self.eval.validate("eval")
-        if self.eval.rho_sweep and self.model.encoder != "sparse":
-            raise ConfigError("eval.rho_sweep: only a sparse encoder (model.encoder=sparse) "
-                              "has a keeping ratio")
+        if self.eval.rho_sweep and not self.model.selects_tokens:
+            raise ConfigError("eval.rho_sweep: only a token-selecting encoder "
+                              "(model.encoder=sparse|sparse_interleaved) has a keeping ratio")
+
+
+LITE_KEYS = ("lite_high_levels", "lite_high_updates", "lite_blocks", "lite_variant")
+"""ModelConfig keys read only by the interleaved encoders."""
 
 
 def _positive(obj: object, prefix: str, keys: tuple[str, ...]) -> None:

@@ -13,3 +13,19 @@ __all__ = [
     "ensure_dataset", "evaluate", "evaluate_rho_sweep", "metrics_for_logging", "set_loader_epoch",
     "sparse_encoder_of", "split_paths", "to_coco_detections",
 ]
+
+# Training (DeepSpeed; Ray Train or one plain process).
+from sdetr.engine.checkpoints import (TrainState, find_latest,  # noqa: E402
+                                      load_model_from_run_checkpoint, resolve_weights_file)
+from sdetr.engine.deepspeed_engine import accumulation_steps, deepspeed_config  # noqa: E402
+from sdetr.engine.launch import TrainResult, run_training  # noqa: E402
+from sdetr.engine.optim import build_optimizer, build_scheduler, param_groups  # noqa: E402
+from sdetr.engine.steps import NonFiniteLossError, TrainingError  # noqa: E402
+from sdetr.engine.train import WorkerArgs, train_worker  # noqa: E402
+
+__all__ += [
+    "NonFiniteLossError", "TrainResult", "TrainState", "TrainingError", "WorkerArgs",
+    "accumulation_steps", "build_optimizer", "build_scheduler", "deepspeed_config",
+    "find_latest", "load_model_from_run_checkpoint", "param_groups", "resolve_weights_file",
+    "run_training", "train_worker",
+]

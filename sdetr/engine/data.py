@@ -100,9 +100,11 @@ def build_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int,
     Always sampled by a :class:`DistributedSampler` (``num_replicas=world_size``, ``rank``,
     ``shuffle``, ``seed``, ``drop_last``), also for one process, so the order is the same
     function of (seed, epoch) everywhere: call :func:`set_loader_epoch` (or
-    ``loader.sampler.set_epoch``) before each epoch. With ``world_size > 1`` and
-    ``drop_last=False`` the sampler repeats a few items so every rank gets as many; use a
-    one-process loader (``world_size=1``) for evaluation.
+    ``loader.sampler.set_epoch``) before each epoch. ``drop_last`` applies to both the sampler
+    (drop the tail that does not split evenly over ranks) and the loader (drop the last
+    incomplete batch). With ``world_size > 1`` and ``drop_last=False`` the sampler repeats a
+    few items so every rank gets as many; use a one-process loader (``world_size=1``) for
+    evaluation.
 
     Augmentation randomness: workers are seeded from a generator seeded with ``seed + rank``
     (different per rank, reproducible); with ``num_workers=0`` the transforms draw from the

@@ -49,7 +49,8 @@ def accumulation_steps(batch_size: int, micro_batch_size: int, world_size: int) 
 
 def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config dict of ``train`` for ``world_size`` data-parallel workers."""
-    return {
+    bf16 = train.precision == "bf16"
+    config: dict[str, Any] = {
         "train_batch_size": train.batch_size,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": accumulation_steps(
@@ -58,10 +59,13 @@ def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
         "zero_optimization": {"stage": train.zero_stage},
         # ZeRO wraps our torch AdamW (param groups of §1.1) instead of a DeepSpeed optimizer.
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": train.precision == "bf16"},
+        "bf16": {"enabled": bf16},
         "steps_per_print": _NEVER_PRINT,
         "wall_clock_breakdown": False,
     }
+    if bf16:  # DeepSpeed casts only the parameters by default; BatchNorm needs its buffers too
+        config["data_types"] = {"buffer_dtype": "bf16"}
+    return config
 
 
 def import_deepspeed(use_gpu: bool) -> ModuleType:
@@ -80,7 +84,7 @@ def import_deepspeed(use_gpu: bool) -> ModuleType:
     from deepspeed.accelerator import get_accelerator
     from deepspeed.utils import logger as ds_logger
 
-    name = get_accelerator()._name
+    name = get_accelerator().device_name()
     if name != wanted:
         raise RuntimeError(f"DeepSpeed was imported for accelerator {name!r}, this run "
                            f"needs {wanted!r}: set DS_ACCELERATOR before importing it")

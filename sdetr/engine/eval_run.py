@@ -8,16 +8,16 @@ of a sweep) as COCO results, and ``metrics.json``::
      "results": [{"rho" (null for a dense encoder), "metrics" {AP, ..., AR100}, "extra" {...},
                   "num_images", "seconds", "detections" (file name)}]}
 
-When tracked, the MLflow run gets the flattened config as params (plus ``eval.checkpoint``,
-``eval.checkpoint_format``), the provenance tags of :func:`sdetr.tracking.run_tags` plus
-``sdetr.run_type=eval``, the metrics named by :func:`metrics_for_logging` (prefix ``val``, or
-``val_rho{rho}`` in a sweep) and the artifacts config.yaml, metrics.json and the detections.
+When tracked, the MLflow run gets exactly the flattened config as params (so that
+``unflatten(params)`` rebuilds it), the provenance tags of :func:`sdetr.tracking.run_tags` plus
+``sdetr.run_type=eval``, ``sdetr.checkpoint`` (absolute path) and ``sdetr.checkpoint_format``,
+the metrics named by :func:`metrics_for_logging` at step 0 (prefix ``eval``, or
+``eval_rho{rho}`` per keeping ratio of a sweep, as the training engine names them), and the
+artifacts config.yaml, metrics.json and the detections JSON files.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import logging
 from dataclasses import dataclass
@@ -28,16 +28,14 @@ import torch
 from torch import nn
 
 from sdetr.config import ExperimentConfig, flatten, to_yaml
+from sdetr.engine.checkpoints import load_model_from_run_checkpoint
 from sdetr.engine.data import build_dataset, build_loader, ensure_dataset
 from sdetr.engine.evaluate import EvalResult, evaluate, evaluate_rho_sweep, metrics_for_logging
-from sdetr.models import (CheckpointError, build, load_model_weights,
-                          load_official_checkpoint)
+from sdetr.models import CheckpointError, build, load_official_checkpoint
 from sdetr.tracking import DEFAULT_EXPERIMENT, Tracker, make_tracker, run_tags
 from sdetr.utils.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
-
-RUN_CHECKPOINT_LOADER = ("sdetr.engine.checkpoints", "load_model_from_run_checkpoint")
 
 
 @dataclass
@@ -51,36 +49,26 @@ class EvalRunOutput:
 
 def load_weights(model: nn.Module, cfg: ExperimentConfig, checkpoint: Path, *,
                  official: bool) -> str:
-    """Load ``checkpoint`` into ``model``; return its format ("official", "sdetr-weights" or
-    "sdetr-run"). A directory is a training checkpoint of the engine. Raises CheckpointError
-    (one line naming the path) for a missing or unusable checkpoint."""
+    """Load ``checkpoint`` into ``model``; return its format: "official" (``--official``),
+    "sdetr-weights" (a file of :func:`sdetr.models.save_model_weights`) or "sdetr-run" (a
+    training checkpoint or run folder of the engine, see
+    :func:`sdetr.engine.checkpoints.resolve_weights_file`). Raises CheckpointError (one line
+    naming the path) for a missing or unusable checkpoint."""
     checkpoint = Path(checkpoint)
     if not checkpoint.exists():
         raise CheckpointError(f"checkpoint {checkpoint}: not found")
     if official:
         load_official_checkpoint(checkpoint, model)
         return "official"
+    weights = load_model_from_run_checkpoint(checkpoint, model, cfg)
     if checkpoint.is_dir():
-        loader = _run_checkpoint_loader()
-        if loader is None:
-            raise CheckpointError(f"checkpoint {checkpoint} is a directory, but this sdetr "
-                                  "cannot read training checkpoints yet; pass a weights file")
-        loader(checkpoint, model, cfg)
+        logger.info("training checkpoint %s: evaluating %s", checkpoint, weights)
         return "sdetr-run"
-    load_model_weights(checkpoint, model, cfg.model)
     return "sdetr-weights"
 
 
-def _run_checkpoint_loader() -> Any:
-    """``sdetr.engine.checkpoints.load_model_from_run_checkpoint`` when that module has it."""
-    module_name, attr = RUN_CHECKPOINT_LOADER
-    if importlib.util.find_spec(module_name) is None:
-        return None
-    return getattr(importlib.import_module(module_name), attr, None)
-
-
 def _check_rhos(cfg: ExperimentConfig, rhos: Sequence[float]) -> None:
-    if rhos and cfg.model.encoder != "sparse":
+    if rhos and not cfg.model.selects_tokens:
         raise ValueError(f"--rho: only a sparse encoder has a keeping ratio "
                          f"(model.encoder={cfg.model.encoder!r})")
     bad = [r for r in rhos if not 0.0 < r <= 1.0]
@@ -100,7 +88,7 @@ def run_evaluation(cfg: ExperimentConfig, checkpoint: Path, *, out_dir: Path,
     and is marked FAILED if the evaluation raises.
     """
     _check_rhos(cfg, rhos)
-    if not Path(checkpoint).exists():
+    if not Path(checkpoint).exists():  # before the (slow) model build
         raise CheckpointError(f"checkpoint {checkpoint}: not found")
     built = build(cfg.model, kernel_backend=kernel_backend, num_select=cfg.eval.num_select)
     fmt = load_weights(built.model, cfg, checkpoint, official=official)
@@ -132,20 +120,19 @@ def run_evaluation(cfg: ExperimentConfig, checkpoint: Path, *, out_dir: Path,
 
 def _track_start(tracker: Tracker, cfg: ExperimentConfig, checkpoint: Path, fmt: str,
                  kernel_backend: str, device: str) -> None:
-    params = flatten(cfg)
-    params.update({"eval.checkpoint": str(Path(checkpoint).resolve()),
-                   "eval.checkpoint_format": fmt})
-    tracker.log_params(params)
+    tracker.log_params(flatten(cfg))
     tags = run_tags(cfg, kernel_backend=kernel_backend, world_size=1,
                     device=torch.device(device).type)
-    tracker.set_tags({**tags, "sdetr.run_type": "eval"})
+    tracker.set_tags({**tags, "sdetr.run_type": "eval",
+                      "sdetr.checkpoint": str(Path(checkpoint).resolve()),
+                      "sdetr.checkpoint_format": fmt})
     tracker.log_text(to_yaml(cfg), "config.yaml")
 
 
 def _track_results(tracker: Tracker, results: dict[Optional[float], EvalResult],
                    metrics_path: Path) -> None:
     for rho, result in results.items():
-        prefix = "val" if rho is None else f"val_rho{rho:g}"
+        prefix = "eval" if rho is None else f"eval_rho{rho:g}"
         tracker.log_metrics(metrics_for_logging(result, prefix), step=0)
         if result.detections_path is not None:
             tracker.log_artifact(result.detections_path)
@@ -168,4 +155,4 @@ def _summary(cfg: ExperimentConfig, checkpoint: Path, fmt: str, kernel_backend: 
 
 
 def _config_rho(cfg: ExperimentConfig) -> Optional[float]:
-    return cfg.model.rho if cfg.model.encoder == "sparse" else None
+    return cfg.model.rho if cfg.model.selects_tokens else None

@@ -27,7 +27,6 @@ from pycocotools.cocoeval import COCOeval
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from sdetr.models.sparse import SparseEncoder
 from sdetr.utils.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -55,9 +54,9 @@ class EvalResult:
     seconds: float = 0.0
 
 
-def metrics_for_logging(result: EvalResult, prefix: str = "val") -> dict[str, float]:
+def metrics_for_logging(result: EvalResult, prefix: str = "eval") -> dict[str, float]:
     """Flat metric names for trackers: ``{prefix}/AP`` ... ``{prefix}/AR100``, the extras as
-    ``{prefix}/{name}`` (e.g. ``val/corr_mask_attn_map_dec_all``), ``{prefix}/seconds``."""
+    ``{prefix}/{name}`` (e.g. ``eval/corr_mask_attn_map_dec_all``), ``{prefix}/seconds``."""
     flat = {f"{prefix}/{key}": value for key, value in result.metrics.items()}
     flat.update({f"{prefix}/{key}": value for key, value in result.extra.items()})
     flat[f"{prefix}/seconds"] = result.seconds
@@ -204,14 +203,15 @@ def _check_coverage(seen: list[int], coco_gt: COCO) -> None:
                        len(missing), len(expected))
 
 
-def sparse_encoder_of(model: nn.Module) -> SparseEncoder:
-    """The :class:`SparseEncoder` of ``model`` (also inside a DDP/DeepSpeed ``.module``).
+def sparse_encoder_of(model: nn.Module) -> nn.Module:
+    """The token-selecting encoder of ``model`` (also inside a DDP/DeepSpeed ``.module``): any
+    encoder with a keeping ratio ``rho`` and ``set_rho`` (Sparse DETR, Sparse + Lite).
 
     Raises ValueError "rho sweep needs a sparse encoder" when there is none.
     """
     inner = model.module if isinstance(getattr(model, "module", None), nn.Module) else model
     encoder = getattr(inner, "encoder", None)
-    if not isinstance(encoder, SparseEncoder):
+    if not callable(getattr(encoder, "set_rho", None)):
         raise ValueError(f"rho sweep needs a sparse encoder; this model's encoder is "
                          f"{type(encoder).__name__}")
     return encoder

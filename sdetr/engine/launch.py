@@ -77,7 +77,8 @@ def run_training(cfg: ExperimentConfig, *, workers: Optional[int] = None,
     Args:
         workers: Ray Train workers (default ``train.workers``); must be 1 or None without Ray.
         resume: "auto" (continue from the newest complete checkpoint of the run directory),
-            "never" (delete its checkpoints and result, start over) or a checkpoint folder.
+            "never" (delete its checkpoints and result, start over) or a checkpoint folder
+            (used unless the run directory holds a newer checkpoint).
         tracking_uri: MLflow store (default ``$MLFLOW_TRACKING_URI``, else
             ``sqlite:///<cwd>/mlflow.db``); experiment / parent_run_id: where the run goes.
         use_ray: False runs in this process (world size 1; debugging, tests).
@@ -88,6 +89,8 @@ def run_training(cfg: ExperimentConfig, *, workers: Optional[int] = None,
     world = _world_size(cfg, workers, use_ray)
     accumulation_steps(cfg.train.batch_size, cfg.train.micro_batch_size, world)  # fail early
     cfg = _absolute_paths(cfg)
+    if resume not in ("auto", "never"):
+        resume = str(Path(resume).resolve())
     run_dir = Path(run_dir or default_run_dir(cfg)).resolve()
     finished = _prepare_run_dir(cfg, run_dir, resume)
     if finished is not None:
@@ -97,10 +100,12 @@ def run_training(cfg: ExperimentConfig, *, workers: Optional[int] = None,
     use_gpu = cfg.train.use_gpu and torch.cuda.is_available()
     if cfg.train.use_gpu and not use_gpu:
         logger.warning("train.use_gpu is true but CUDA is not available: training on CPU")
-    args = WorkerArgs(config=to_dict(cfg), run_dir=str(run_dir), resume=resume,
+    # After the clean-up for "never", a Ray restart of the worker group must resume: "auto".
+    args = WorkerArgs(config=to_dict(cfg), run_dir=str(run_dir),
+                      resume="auto" if resume == "never" else resume,
                       tracking_uri=resolve_tracking_uri(tracking_uri), experiment=experiment,
                       parent_run_id=parent_run_id, track=track, use_gpu=use_gpu,
-                      under_ray=use_ray, progress=progress)
+                      under_ray=use_ray, progress=progress, cwd=str(Path.cwd()))
     logger.info("training %s in %s: %d worker(s)%s, %d micro-batch(es) per step", cfg.name,
                 run_dir, world, " on Ray" if use_ray else " in this process",
                 accumulation_steps(cfg.train.batch_size, cfg.train.micro_batch_size, world))
@@ -150,10 +155,10 @@ def _prepare_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: str
         ckpt.read_checkpoint(resume)  # CheckpointError now, not in a worker
         return None
     result = read_result(run_dir)
+    if result is not None or ckpt.find_latest(ckpt_dir) is not None:
+        _check_same_config(cfg, run_dir / CONFIG_FILE)
     if result and result.get("status") == "FINISHED" and result["epochs"] >= cfg.train.epochs:
         return result
-    if ckpt.find_latest(ckpt_dir) is not None:
-        _check_same_config(cfg, run_dir / CONFIG_FILE)
     return None
 
 
@@ -166,7 +171,7 @@ def _check_same_config(cfg: ExperimentConfig, saved: Path) -> None:
                      if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
     if changed:
         details = ", ".join(f"{k}: {old.get(k)} -> {new.get(k)}" for k in changed[:4])
-        raise ConfigError(f"{saved.parent} holds checkpoints of another config ({details}); "
+        raise ConfigError(f"{saved.parent} holds a run of another config ({details}); "
                           "use --resume never or another --run-dir")
 
 
@@ -179,15 +184,21 @@ def _result(run_dir: Path, result: dict[str, Any], status: str, seconds: float) 
 
 
 def _run_plain(args: WorkerArgs) -> None:
-    """World size 1 in this process: a one-rank gloo (NCCL on GPU) group around the worker."""
+    """World size 1 in this process, in a one-rank gloo (NCCL on GPU) process group.
+
+    The group is created on first use and kept for the life of the process: DeepSpeed caches
+    its process groups, so a destroyed and re-created group would break a second run here.
+    """
     import torch.distributed as dist
 
     from sdetr.engine.distributed import init_single_process_group
-    init_single_process_group("nccl" if args.use_gpu else "gloo")
-    try:
-        train_worker(dataclasses.asdict(args))
-    finally:
-        dist.destroy_process_group()
+    backend = "nccl" if args.use_gpu else "gloo"
+    if not dist.is_initialized():
+        init_single_process_group(backend)
+    elif dist.get_world_size() != 1 or dist.get_backend() != backend:
+        raise RuntimeError(f"this process already has a {dist.get_backend()} process group of "
+                           f"{dist.get_world_size()} ranks; a plain run needs one {backend} rank")
+    train_worker(dataclasses.asdict(args))
 
 
 def _run_ray(args: WorkerArgs, workers: int, use_gpu: bool, max_failures: int,

@@ -4,14 +4,16 @@ Each optimizer step consumes ``accumulation`` micro-batches per worker; DeepSpee
 loss by ``1/accumulation``, averages gradients over workers, clips and steps at the boundary.
 The per-micro-batch loss terms are averaged over workers right away (one small all-reduce):
 that gives every rank the same view, so a non-finite loss stops all of them together, before
-the bad gradient is applied.
+the bad gradient is applied. Non-finite model outputs are caught the same way before the loss
+(the Hungarian matcher would reject NaN boxes with a less helpful error).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Iterable, Iterator, Protocol
+import time
+from typing import Any, Iterable, Iterator, Mapping, Protocol
 
 import torch
 from torch import Tensor
@@ -19,6 +21,8 @@ from torch import Tensor
 from sdetr.engine.distributed import all_reduce_mean
 
 logger = logging.getLogger(__name__)
+
+OUTPUT_KEYS = ("pred_logits", "pred_boxes")
 
 
 class TrainingError(RuntimeError):
@@ -43,14 +47,36 @@ class _NoProgress:
         return None
 
 
+class LogProgress:
+    """Progress as log lines with rate and ETA, at most every ``interval_s`` seconds and at
+    the end: for Ray workers, whose output reaches the driver line by line (a tqdm bar's
+    carriage returns would pile up into one line)."""
+
+    def __init__(self, total: int, desc: str, interval_s: float = 15.0) -> None:
+        self.total, self.desc, self.interval_s = total, desc, interval_s
+        self.done = 0
+        self.start = self.last = time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last >= self.interval_s or self.done == self.total:
+            self.last = now
+            rate = (now - self.start) / max(self.done, 1)
+            logger.info("%s: %d/%d steps, %.2f s/step, ETA %.0f s", self.desc, self.done,
+                        self.total, rate, rate * (self.total - self.done))
+
+    def close(self) -> None:
+        return None
+
+
 def progress_bar(total: int, desc: str, *, enabled: bool, under_ray: bool) -> Progress:
-    """A tqdm bar with ETA (Ray's ``tqdm_ray`` inside a Ray worker, whose output is
-    forwarded line by line), or a no-op when not ``enabled``."""
+    """A tqdm bar with ETA, log lines with ETA inside a Ray worker (:class:`LogProgress`), or
+    nothing when not ``enabled``."""
     if not enabled:
         return _NoProgress()
     if under_ray:
-        from ray.experimental.tqdm_ray import tqdm as ray_tqdm
-        return ray_tqdm(total=total, desc=desc, unit="step")
+        return LogProgress(total, desc)
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
 
@@ -73,6 +99,37 @@ def check_finite(values: Tensor, keys: list[str], checked: list[str], *, epoch: 
                                  f"{', '.join(bad[:8])}" + (" ..." if len(bad) > 8 else ""))
 
 
+def nonfinite_outputs(outputs: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Names of the ``pred_logits`` / ``pred_boxes`` tensors (at any nesting level: aux, enc,
+    enc_aux outputs) that hold NaN or inf. Checked before the loss: the matcher cannot run
+    on NaN boxes."""
+    bad: list[str] = []
+    for key, value in outputs.items():
+        name = f"{prefix}{key}"
+        if key in OUTPUT_KEYS and isinstance(value, Tensor):
+            if not bool(torch.isfinite(value).all()):
+                bad.append(name)
+        elif isinstance(value, Mapping):
+            bad += nonfinite_outputs(value, f"{name}.")
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                if isinstance(item, Mapping):
+                    bad += nonfinite_outputs(item, f"{name}.{i}.")
+    return bad
+
+
+def check_outputs(outputs: Mapping[str, Any], device: torch.device, *, epoch: int,
+                  step: int) -> None:
+    """Raise NonFiniteLossError on EVERY rank if any rank's outputs are not finite (a
+    collective: all ranks must call it for each micro-batch)."""
+    bad = nonfinite_outputs(outputs)
+    flag = torch.tensor([float(len(bad))], device=device)
+    if float(all_reduce_mean(flag).item()) > 0:
+        where = ", ".join(bad[:6]) if bad else "on another worker"
+        raise NonFiniteLossError(f"non-finite model outputs at epoch {epoch}, step {step}: "
+                                 f"{where}")
+
+
 def run_epoch(engine: Any, criterion: Any, loader: Iterable, *, steps: int, accumulation: int,
               device: torch.device, epoch: int, first_step: int, bar: Progress
               ) -> dict[str, float]:
@@ -93,6 +150,7 @@ def run_epoch(engine: Any, criterion: Any, loader: Iterable, *, steps: int, accu
             for _ in range(accumulation):
                 images, masks, targets = to_device(next(batches), device, dtype)
                 outputs = engine(images, masks)
+                check_outputs(outputs, device, epoch=epoch, step=first_step + step + 1)
                 losses = criterion(outputs, targets)
                 total = criterion.total_loss(losses)
                 if not keys:

@@ -8,14 +8,15 @@ checkpoint. After the last epoch rank 0 writes ``model_final.pth`` and ``result.
 
 MLflow metric names: ``train/<loss key>`` (weighted total ``train/loss`` and every term,
 averaged over the epoch and the workers), ``lr/<group>``, ``time/epoch_s``,
-``time/step_s``, ``eval/<AP key>`` (and ``eval_rho<r>/<AP key>`` for a final rho sweep);
-step = the number of complete epochs.
+``time/step_s``, ``eval/<AP key>`` and ``eval/seconds`` (also ``eval_rho<r>/...`` for a final
+rho sweep; see ``sdetr.engine.evaluate.metrics_for_logging``); step = complete epochs.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,15 +24,15 @@ from typing import Any, Optional
 
 import torch
 
-from sdetr.config import config_from_dict, flatten
+from sdetr.config import ConfigError, ExperimentConfig, config_from_dict, flatten
 from sdetr.engine import checkpoints as ckpt
 from sdetr.engine.data import build_dataset, build_loader, set_loader_epoch
 from sdetr.engine.deepspeed_engine import deepspeed_config, initialize_engine
-from sdetr.engine.distributed import (current_context, one_line, run_on_main,
+from sdetr.engine.distributed import (DistContext, current_context, one_line, run_on_main,
                                       seed_everything)
-from sdetr.engine.evaluate import evaluate, evaluate_rho_sweep
+from sdetr.engine.evaluate import evaluate, evaluate_rho_sweep, metrics_for_logging
 from sdetr.engine.optim import build_optimizer, build_scheduler, group_lrs
-from sdetr.engine.steps import TrainingError, progress_bar, run_epoch
+from sdetr.engine.steps import progress_bar, run_epoch
 from sdetr.models import build, save_model_weights
 from sdetr.tracking import DEFAULT_EXPERIMENT, Tracker, make_tracker, run_tags
 from sdetr.utils.io import atomic_write_text
@@ -47,8 +48,11 @@ class WorkerArgs:
     """What :func:`train_worker` receives (as a plain dict, so Ray can ship it).
 
     config: ``sdetr.config.to_dict`` of the resolved config; run_dir: absolute run directory;
-    resume: "auto" (newest complete checkpoint of run_dir, if any), "never", or a checkpoint
-    folder; use_gpu: train on ``cuda:<LOCAL_RANK>``; under_ray: report epochs to Ray Train.
+    resume: "auto" (newest complete checkpoint of run_dir, if any), "never" (ignore them), or
+    a checkpoint folder (see ``Trainer._resume``); use_gpu: train on ``cuda:<LOCAL_RANK>``;
+    under_ray: progress as log lines (Ray forwards worker output line by line); cwd: the
+    launcher's working directory, restored in Ray workers (Ray Train starts them in its own
+    storage folder; MLflow's SQLite store puts artifacts under the working directory).
     """
 
     config: dict[str, Any]
@@ -61,11 +65,15 @@ class WorkerArgs:
     use_gpu: bool = False
     under_ray: bool = False
     progress: bool = True
+    cwd: Optional[str] = None
 
 
 def train_worker(config: dict[str, Any]) -> Optional[dict[str, Any]]:
     """Train one run on this worker (every rank calls it); rank 0 returns the result dict."""
     args = WorkerArgs(**config)
+    if args.cwd is not None and Path.cwd() != Path(args.cwd):
+        logger.info("working directory %s -> %s", Path.cwd(), args.cwd)
+        os.chdir(args.cwd)
     cfg = config_from_dict(args.config)
     ctx = current_context(args.use_gpu)
     return Trainer(cfg, args, ctx).run()
@@ -74,7 +82,7 @@ def train_worker(config: dict[str, Any]) -> Optional[dict[str, Any]]:
 class Trainer:
     """State of one worker's run: model/engine, loaders, schedule, tracker, progress."""
 
-    def __init__(self, cfg: Any, args: WorkerArgs, ctx: Any) -> None:
+    def __init__(self, cfg: ExperimentConfig, args: WorkerArgs, ctx: DistContext) -> None:
         self.cfg, self.args, self.ctx = cfg, args, ctx
         self.run_dir = Path(args.run_dir)
         self.ckpt_dir = self.run_dir / ckpt.CHECKPOINTS
@@ -92,8 +100,12 @@ class Trainer:
         self.accumulation = self.ds_config["gradient_accumulation_steps"]
         self.engine = initialize_engine(model, optimizer, self.ds_config, use_gpu=args.use_gpu)
         seed_everything(train.seed + ctx.rank)
+        dataset = build_dataset(cfg.data, "train")
+        if dataset.num_classes > cfg.model.num_classes:
+            raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the training set "
+                              f"has category id {dataset.num_classes - 1}")
         self.train_loader = build_loader(
-            build_dataset(cfg.data, "train"), train.micro_batch_size, shuffle=True,
+            dataset, train.micro_batch_size, shuffle=True,
             seed=train.seed, num_workers=cfg.data.num_workers, rank=ctx.rank,
             world_size=ctx.world_size, drop_last=True)
         self.steps_per_epoch = len(self.train_loader) // self.accumulation
@@ -119,17 +131,22 @@ class Trainer:
             raise
 
     def _resume(self) -> None:
+        """Newest complete checkpoint of the run dir; with ``resume=PATH`` that checkpoint
+        unless the run dir holds a newer one (a Ray restart of a run started from PATH)."""
         if self.args.resume == "never":
             return
-        if self.args.resume == "auto":
-            info = ckpt.find_latest(self.ckpt_dir)
-        else:
-            info = ckpt.read_checkpoint(self.args.resume)
+        info = ckpt.find_latest(self.ckpt_dir)
+        if self.args.resume != "auto":
+            given = ckpt.read_checkpoint(self.args.resume)
+            if info is None or info.state.epoch <= given.state.epoch:
+                info = given
         if info is None:
             return
         self.state = ckpt.load_checkpoint(self.engine, info, scheduler=self.scheduler,
                                           ctx=self.ctx)
         self.state.world_size = self.ctx.world_size
+        if info.path.parent.resolve() != self.ckpt_dir.resolve():
+            self.state.mlflow_run_id = None  # another run's checkpoint: a new MLflow run
 
     def _start_tracking(self) -> None:
         resumed = self.state.mlflow_run_id
@@ -187,7 +204,6 @@ class Trainer:
         every = self.cfg.train.eval_every
         if self.state.epoch % every == 0 or self.state.epoch == self.cfg.train.epochs:
             self._evaluate_and_log()
-        self._report_to_ray(metrics)
         ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.state, scheduler=self.scheduler,
                              model_cfg=self.cfg.model, ctx=self.ctx,
                              keep=self.cfg.train.keep_checkpoints)
@@ -195,14 +211,6 @@ class Trainer:
     def _log(self, metrics: dict[str, float]) -> None:
         self.tracker.log_metrics(metrics, self.state.epoch)
         self.tracker.flush()
-
-    def _report_to_ray(self, metrics: dict[str, float]) -> None:
-        if not self.args.under_ray:
-            return
-        import ray.train
-        report = dict(metrics, epoch=self.state.epoch)
-        report.update({f"eval/{k}": v for k, v in self.state.last_eval.items()})
-        ray.train.report(report)
 
     # ------------------------------------------------------------------ evaluation
     def _evaluate_and_log(self) -> None:
@@ -224,24 +232,30 @@ class Trainer:
         out_dir = self.run_dir / "eval"
         result = evaluate(model, self.postprocess, loader, coco_gt, device=self.ctx.device,
                           detections_path=out_dir / "detections_final.json" if final else None,
-                          progress=self.args.progress)
+                          progress=self._eval_progress)
         record: dict[str, Any] = {"epoch": self.state.epoch, "metrics": result.metrics,
                                   "extra": result.extra, "num_images": result.num_images,
                                   "seconds": result.seconds}
-        logged = {f"eval/{k}": v for k, v in {**result.metrics, **result.extra}.items()}
+        logged = metrics_for_logging(result, "eval")
         if final and self.cfg.eval.rho_sweep:
             sweep = evaluate_rho_sweep(model, self.postprocess, loader, coco_gt,
                                        rhos=self.cfg.eval.rho_sweep, device=self.ctx.device,
-                                       progress=self.args.progress)
+                                       progress=self._eval_progress)
             record["rho_sweep"] = {str(r): res.metrics for r, res in sweep.items()}
             for rho, res in sweep.items():
-                logged.update({f"eval_rho{rho:g}/{k}": v for k, v in res.metrics.items()})
+                logged.update(metrics_for_logging(res, f"eval_rho{rho:g}"))
         path = out_dir / f"metrics_{ckpt.checkpoint_tag(self.state.epoch)}.json"
         atomic_write_text(path, json.dumps(record, indent=2))
         self.tracker.log_metrics(logged, self.state.epoch)
         self.tracker.log_artifact(path, "eval")
         self.tracker.flush()
         return dict(result.metrics)
+
+    @property
+    def _eval_progress(self) -> bool:
+        """A tqdm bar for evaluation, except in Ray workers (their output is forwarded line by
+        line, so carriage-return updates would pile up)."""
+        return self.args.progress and not self.args.under_ray
 
     def _eval_model(self) -> torch.nn.Module:
         """The trained module in fp32 (a float copy when DeepSpeed holds it in bf16)."""
@@ -268,5 +282,4 @@ class Trainer:
         return result
 
 
-__all__ = ["RESULT_FILE", "CONFIG_FILE", "Trainer", "TrainingError", "WorkerArgs",
-           "train_worker"]
+__all__ = ["CONFIG_FILE", "RESULT_FILE", "Trainer", "WorkerArgs", "train_worker"]

@@ -19,6 +19,19 @@ __all__ = ["MSDeformAttn"]
 logger = logging.getLogger(__name__)
 
 
+
+def grid_init_(sampling_offsets: nn.Linear, n_heads: int, n_levels: int, n_points: int) -> None:
+    """The MSDA "grid init" (§3.2): weight 0; bias of (m, l, p) = (p + 1)·d_m, where d_m is head
+    m's direction (cos, sin)(2πm/M) scaled so its largest component is ±1."""
+    nn.init.zeros_(sampling_offsets.weight)
+    thetas = torch.arange(n_heads, dtype=torch.float32) * (2.0 * math.pi / n_heads)
+    grid = torch.stack([thetas.cos(), thetas.sin()], dim=-1)  # (M, 2) as (x, y)
+    grid = grid / grid.abs().max(dim=-1, keepdim=True).values
+    grid = grid.view(n_heads, 1, 1, 2).repeat(1, n_levels, n_points, 1)
+    grid = grid * torch.arange(1, n_points + 1, dtype=torch.float32).view(1, 1, n_points, 1)
+    with torch.no_grad():
+        sampling_offsets.bias.copy_(grid.reshape(-1))
+
 class MSDeformAttn(nn.Module):
     """Multi-scale deformable attention.
 
@@ -62,15 +75,7 @@ class MSDeformAttn(nn.Module):
 
     def _reset_parameters(self) -> None:
         """Grid init (§3.2). Public so a parent can re-run it after a global xavier init."""
-        m, l_, p = self.n_heads, self.n_levels, self.n_points
-        nn.init.zeros_(self.sampling_offsets.weight)
-        thetas = torch.arange(m, dtype=torch.float32) * (2.0 * math.pi / m)
-        grid = torch.stack([thetas.cos(), thetas.sin()], dim=-1)  # (M, 2) as (x, y)
-        grid = grid / grid.abs().max(dim=-1, keepdim=True).values
-        grid = grid.view(m, 1, 1, 2).repeat(1, l_, p, 1)
-        grid = grid * torch.arange(1, p + 1, dtype=torch.float32).view(1, 1, p, 1)
-        with torch.no_grad():
-            self.sampling_offsets.bias.copy_(grid.reshape(-1))
+        grid_init_(self.sampling_offsets, self.n_heads, self.n_levels, self.n_points)
         nn.init.zeros_(self.attention_weights.weight)
         nn.init.zeros_(self.attention_weights.bias)
         nn.init.xavier_uniform_(self.value_proj.weight)
@@ -139,5 +144,8 @@ class MSDeformAttn(nn.Module):
         offsets = self.sampling_offsets(query).view(b, q, m, l_, p, 2)
         weights = self.attention_weights(query).view(b, q, m, l_ * p).softmax(-1).view(b, q, m, l_, p)
         locations = self._sampling_locations(reference_points, offsets, spatial_shapes)
-        out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, backend=self.backend)
+        # Reference points are kept in fp32; the op wants one dtype (bf16 runs in bf16 here).
+        out = ms_deform_attn(value, spatial_shapes, level_start_index,
+                             locations.to(value.dtype), weights.to(value.dtype),
+                             backend=self.backend)
         return self.output_proj(out), locations, weights

@@ -12,12 +12,16 @@ from typing import Optional
 from torch import nn
 
 from sdetr.config.schema import LossConfig, ModelConfig
+from sdetr.models.attention import MSDeformAttn
 from sdetr.models.backbone import build_backbone
 from sdetr.models.criterion import SetCriterion, build_weight_dict
 from sdetr.models.decoder import DeformableDecoder, DeformableDecoderLayer
 from sdetr.models.detector import DeformableDETR
+from sdetr.models.encoder import DeformableEncoderLayer
 from sdetr.models.encoders import DenseEncoder
 from sdetr.models.heads import HeadStack
+from sdetr.models.lite import (InterleavedEncoder, KeyAwareDeformAttn, SparseInterleavedEncoder,
+                               SparseLiteDETR, interleaved_layers)
 from sdetr.models.matcher import HungarianMatcher
 from sdetr.models.neck import InputProjection
 from sdetr.models.postprocess import PostProcess
@@ -50,13 +54,12 @@ def build_model(cfg: ModelConfig, *, kernel_backend: Optional[str] = None) -> De
     ``kernel_backend`` overrides ``cfg.kernel_backend`` ("reference", "compiled" or "auto").
     """
     backend = kernel_backend_name(cfg, kernel_backend)
-    resolve_backend("ms_deform_attn", backend)  # fail now, naming the backend, if unavailable
+    resolve_backend(attention_op(cfg), backend)  # fail now, naming the backend, if unavailable
     bb = cfg.backbone
     backbone = build_backbone(bb.name, frozen_bn=bb.frozen_bn, weights=bb.weights,
                               drop_path_rate=bb.drop_path_rate, train_all=bb.train_all)
     dec_layer = DeformableDecoderLayer(cfg.hidden_dim, cfg.dim_feedforward, cfg.dropout,
-                                       cfg.num_feature_levels, cfg.nheads, cfg.dec_n_points,
-                                       backend=backend)
+                                       attn=build_attention(cfg, cfg.dec_n_points, backend))
     # §6.5: heads are independent copies with box refinement or encoder auxiliary heads.
     shared_heads = not (cfg.box_refine or cfg.enc_aux_loss)
     heads = HeadStack(cfg.hidden_dim, cfg.num_classes, cfg.dec_layers, shared=shared_heads,
@@ -75,25 +78,45 @@ def build_model(cfg: ModelConfig, *, kernel_backend: Optional[str] = None) -> De
         box_refine=cfg.box_refine,
         aux_loss=cfg.loss.aux_loss,
     )
-    if cfg.encoder == "sparse":
+    if cfg.selects_tokens:
         resolve_backend("dam_splat", backend)
-        return SparseDETR(**parts, dam_loss=cfg.token_selection == "dam", dam_backend=backend)
+        detector = SparseLiteDETR if cfg.encoder == "sparse_interleaved" else SparseDETR
+        return detector(**parts, dam_loss=cfg.token_selection == "dam", dam_backend=backend)
     return DeformableDETR(**parts)
+
+
+def attention_op(cfg: ModelConfig) -> str:
+    """Name of the op (in :mod:`sdetr.ops`) that ``cfg.attention`` runs."""
+    return "kda" if cfg.attention == "key_aware" else "ms_deform_attn"
+
+
+def build_attention(cfg: ModelConfig, n_points: int, backend: Optional[str]) -> nn.Module:
+    """One deformable attention module for ``cfg.attention`` (encoder and decoder alike)."""
+    sizes = (cfg.hidden_dim, cfg.num_feature_levels, cfg.nheads, n_points)
+    if cfg.attention == "key_aware":
+        return KeyAwareDeformAttn(*sizes, proj_key=cfg.kda_proj_key, backend=backend)
+    return MSDeformAttn(*sizes, backend=backend)
 
 
 def build_encoder(cfg: ModelConfig, backend: Optional[str]) -> nn.Module:
     """The encode seam for ``cfg.encoder``."""
+    attn = build_attention(cfg, cfg.enc_n_points, backend)
+    if cfg.interleaved:
+        layers = interleaved_layers(cfg.lite_variant, cfg.lite_high_updates, cfg.lite_blocks,
+                                    d_model=cfg.hidden_dim, d_ffn=cfg.dim_feedforward,
+                                    dropout=cfg.dropout, attn=attn)
+        if cfg.encoder == "sparse_interleaved":
+            return SparseInterleavedEncoder(layers, cfg.lite_high_levels,
+                                            scorer=build_token_scorer(cfg), rho=cfg.rho)
+        return InterleavedEncoder(layers, cfg.lite_high_levels)
+    layer = DeformableEncoderLayer(cfg.hidden_dim, cfg.dim_feedforward, cfg.dropout, attn=attn)
     if cfg.encoder == "dense":
-        return DenseEncoder.from_dims(cfg.hidden_dim, cfg.dim_feedforward, cfg.dropout,
-                                      cfg.num_feature_levels, cfg.nheads, cfg.enc_n_points,
-                                      cfg.enc_layers, backend=backend)
+        return DenseEncoder(layer, cfg.enc_layers)
     if cfg.encoder == "sparse":
         aux = (EncoderAuxHeads(cfg.hidden_dim, cfg.num_classes, cfg.enc_layers - 1)
                if cfg.enc_aux_loss else None)
-        return SparseEncoder.from_dims(cfg.hidden_dim, cfg.dim_feedforward, cfg.dropout,
-                                       cfg.num_feature_levels, cfg.nheads, cfg.enc_n_points,
-                                       cfg.enc_layers, scorer=build_token_scorer(cfg),
-                                       rho=cfg.rho, aux_heads=aux, backend=backend)
+        return SparseEncoder(layer, cfg.enc_layers, scorer=build_token_scorer(cfg), rho=cfg.rho,
+                             aux_heads=aux)
     raise ValueError(f"model.encoder={cfg.encoder!r} has no encoder builder")
 
 
@@ -133,8 +156,9 @@ def build_criterion(cfg: ModelConfig) -> SetCriterion:
 
 
 def _extra_weights(cfg: ModelConfig) -> dict[str, float]:
-    """Weights of the losses a sparse encoder adds: the DAM loss, or the objectness head's set."""
-    if cfg.encoder != "sparse":
+    """Weights of the losses a token-selecting encoder adds: the DAM loss, or the objectness
+    head's set."""
+    if not cfg.selects_tokens:
         return {}
     if cfg.token_selection == "dam":
         return {"loss_dam": cfg.loss.dam_coef}
@@ -152,4 +176,4 @@ def build(cfg: ModelConfig, *, kernel_backend: Optional[str] = None,
     return BuiltModel(model=build_model(cfg, kernel_backend=kernel_backend),
                       criterion=build_criterion(cfg),
                       postprocess=PostProcess(num_select=num_select),
-                      kernel_backend=resolve_backend("ms_deform_attn", backend))
+                      kernel_backend=resolve_backend(attention_op(cfg), backend))

@@ -79,6 +79,9 @@ class DeformableDecoderLayer(nn.Module):
         d_model: channels C. d_ffn: FFN hidden channels. dropout: dropout probability (also in MHA).
         n_levels, n_heads, n_points: MSDA sizes (L, M, P); n_heads is also the MHA head count.
         backend: MSDA op backend (see ``MSDeformAttn``).
+        attn: a prebuilt cross-attention module with ``MSDeformAttn``'s forward signature and
+            returns (e.g. Lite-DETR's ``KeyAwareDeformAttn``); None builds an ``MSDeformAttn``
+            from the sizes above. Registered as ``cross_attn`` either way.
     """
 
     def __init__(
@@ -90,9 +93,11 @@ class DeformableDecoderLayer(nn.Module):
         n_heads: int = 8,
         n_points: int = 4,
         backend: str | None = None,
+        attn: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, backend=backend)
+        self.cross_attn = attn if attn is not None else MSDeformAttn(
+            d_model, n_levels, n_heads, n_points, backend=backend)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)

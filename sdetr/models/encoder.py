@@ -54,6 +54,9 @@ class DeformableEncoderLayer(nn.Module):
         dropout: dropout probability (after attention, inside and after the FFN).
         n_levels, n_heads, n_points: MSDA sizes (L, M, P).
         backend: MSDA op backend (see ``MSDeformAttn``).
+        attn: a prebuilt self-attention module with ``MSDeformAttn``'s forward signature and
+            returns (e.g. Lite-DETR's ``KeyAwareDeformAttn``); None builds an ``MSDeformAttn``
+            from the sizes above. Registered as ``self_attn`` either way.
     """
 
     def __init__(
@@ -65,9 +68,11 @@ class DeformableEncoderLayer(nn.Module):
         n_heads: int = 8,
         n_points: int = 4,
         backend: str | None = None,
+        attn: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, backend=backend)
+        self.self_attn = attn if attn is not None else MSDeformAttn(
+            d_model, n_levels, n_heads, n_points, backend=backend)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)

@@ -18,6 +18,7 @@ from .backends import (
 )
 from .dam_splat import dam_splat, dam_splat_pytorch
 from .ms_deform_attn import ms_deform_attn, ms_deform_attn_pytorch
+from .kda import kda, kda_pytorch
 from .compiled import compiled_available, compiled_build_info  # registers "compiled" when sdetr._C is built
 
 __all__ = [
@@ -28,6 +29,8 @@ __all__ = [
     "compiled_build_info",
     "dam_splat",
     "dam_splat_pytorch",
+    "kda",
+    "kda_pytorch",
     "ms_deform_attn",
     "ms_deform_attn_pytorch",
     "resolve_backend",

@@ -2,8 +2,9 @@
 
 Importing this module loads ``sdetr._C`` when it was built (``setup.py``), registers fake
 implementations and autograd for its ops (``torch.ops.sdetr_C.ms_deform_attn_forward``,
-``ms_deform_attn_backward``, ``dam_splat``) and registers backend ``"compiled"`` for the ops
-``"ms_deform_attn"`` and ``"dam_splat"`` of :mod:`sdetr.ops.backends`.
+``ms_deform_attn_backward``, ``dam_splat``, ``kda_forward``, ``kda_backward``) and registers
+backend ``"compiled"`` for the ops ``"ms_deform_attn"``, ``"dam_splat"`` and ``"kda"`` of
+:mod:`sdetr.ops.backends`.
 
 The compiled backend dispatches on the device of its inputs: CPU tensors run the CPU kernels, CUDA
 tensors the CUDA kernels when the build has them. A device without a kernel raises
@@ -35,7 +36,7 @@ logger = logging.getLogger(__name__)
 DISABLE_ENV = "SDETR_DISABLE_COMPILED"
 EXTENSION = "sdetr._C"
 _NAMESPACE = "sdetr_C"
-_KERNELS = ("ms_deform_attn_forward", "ms_deform_attn_backward", "dam_splat")
+_KERNELS = ("ms_deform_attn_forward", "ms_deform_attn_backward", "dam_splat", "kda_forward", "kda_backward")
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
@@ -145,6 +146,58 @@ def _dam_forward(
     )
 
 
+def _kda_forward(
+    query: Tensor, key: Tensor, value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+    sampling_locations: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Compiled KDA forward; signature and shapes of :func:`sdetr.ops.kda_pytorch`."""
+    _require_kernel("kda", "kda_forward", value)
+    return torch.ops.sdetr_C.kda_forward(query, key, value, spatial_shapes, level_start_index, sampling_locations)
+
+
+def _kda_backward(
+    grad_output: Tensor, grad_weights: Tensor, query: Tensor, key: Tensor, value: Tensor, spatial_shapes: Tensor,
+    level_start_index: Tensor, sampling_locations: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Compiled KDA backward -> (grad_query, grad_key, grad_value, grad_sampling_locations)."""
+    _require_kernel("kda", "kda_backward", value)
+    return torch.ops.sdetr_C.kda_backward(
+        grad_output, grad_weights, query, key, value, spatial_shapes, level_start_index, sampling_locations
+    )
+
+
+def _register_kda_fake_and_autograd() -> None:
+    lib = torch.ops.sdetr_C
+
+    @torch.library.register_fake("sdetr_C::kda_forward")
+    def _kda_forward_fake(query, key, value, spatial_shapes, level_start_index, sampling_locations):
+        batch, queries, heads, channels = query.shape
+        return query.new_empty(batch, queries, heads * channels), query.new_empty(sampling_locations.shape[:-1])
+
+    @torch.library.register_fake("sdetr_C::kda_backward")
+    def _kda_backward_fake(grad_output, grad_weights, query, key, value, spatial_shapes, level_start_index,
+                           sampling_locations):
+        return (torch.empty_like(query), torch.empty_like(key), torch.empty_like(value),
+                torch.empty_like(sampling_locations))
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def backward(ctx, grad_output, grad_weights):
+        query, key, value, spatial_shapes, level_start_index, sampling_locations = ctx.saved_tensors
+        if grad_output is None:
+            grad_output = query.new_zeros(query.shape[0], query.shape[1], query.shape[2] * query.shape[3])
+        if grad_weights is None:
+            grad_weights = query.new_zeros(sampling_locations.shape[:-1])
+        grad_q, grad_k, grad_v, grad_loc = lib.kda_backward(
+            grad_output.contiguous(), grad_weights.contiguous(), query, key, value, spatial_shapes,
+            level_start_index, sampling_locations,
+        )
+        return grad_q, grad_k, grad_v, None, None, grad_loc
+
+    torch.library.register_autograd("sdetr_C::kda_forward", backward, setup_context=setup_context)
+
+
 def _register_fake_and_autograd() -> None:
     """Fake kernels (torch.compile / opcheck) and autograd for the sdetr_C ops, once per process."""
     lib = torch.ops.sdetr_C
@@ -180,7 +233,9 @@ def _register_fake_and_autograd() -> None:
 if _extension is not None:
     if not getattr(_extension, "_sdetr_registered", False):  # a module reload keeps the first registration
         _register_fake_and_autograd()
+        _register_kda_fake_and_autograd()
         _extension._sdetr_registered = True
     backends.register_backend("ms_deform_attn", backends.COMPILED, _msda_forward, _msda_backward)
     backends.register_backend("dam_splat", backends.COMPILED, _dam_forward, None)
+    backends.register_backend("kda", backends.COMPILED, _kda_forward, _kda_backward)
     logger.debug("compiled backend registered from %s (kernels: %s)", _status.detail, _devices)

@@ -35,7 +35,10 @@ def decoder_attention_map(sampling_locations: Tensor, attention_weights: Tensor,
         DAM (B, N): bilinear splat with no −0.5 shift, summed over all layers, queries, heads,
         levels and points (§5.2).
     """
-    return dam_splat(sampling_locations.flatten(1, 2), attention_weights.flatten(1, 2),
+    # Accumulated in at least fp32 whatever the training precision (a target, not a feature).
+    dtype = torch.promote_types(attention_weights.dtype, torch.float32)
+    return dam_splat(sampling_locations.flatten(1, 2).to(dtype),
+                     attention_weights.flatten(1, 2).to(dtype),
                      spatial_shapes, level_start_index, num_tokens, backend=backend)
 
 
