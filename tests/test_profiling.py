@@ -311,6 +311,8 @@ def test_log_profile_metrics_and_protocol_tags():
 def test_cli_profile_json_and_mlflow(capsys, tmp_path):
     mlflow = pytest.importorskip("mlflow")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.MlflowClient(tracking_uri=uri).create_experiment(  # artifacts in tmp, not ./mlruns
+        "profile-test", artifact_location=(tmp_path / "artifacts").as_uri())
     args = ["profile", "deformable_detr_tiny", "--what", "params,flops,fps,memory", "--json",
             "--image-size", "128,160", "--iters", "2", "--warmup", "1", "--tracking-uri", uri,
             "--experiment", "profile-test"]
@@ -328,6 +330,7 @@ def test_cli_profile_json_and_mlflow(capsys, tmp_path):
     assert run.data.params["model.encoder"] == "dense"
     assert run.data.tags["sdetr.profile.fps.b1.iterations"] == "2"
     assert run.data.tags["sdetr.preset"] == "deformable_detr_tiny"
+    assert (tmp_path / "artifacts").is_dir()
 
 
 def test_cli_bench_models_json(capsys):

@@ -26,7 +26,7 @@ from sdetr.models.lite.tokens import (AllLowTokens, LowTokens, SelectedLowTokens
                                       level_prefix, num_low_tokens)
 from sdetr.models.neck import FeatureSet
 from sdetr.models.proposals import ProposalProjection, proposal_anchors
-from sdetr.models.sparse.selection import check_rho, select_tokens
+from sdetr.models.sparse.selection import KeepingRatio, select_tokens
 
 __all__ = ["InterleavedEncoder", "SparseInterleavedEncoder"]
 
@@ -87,7 +87,7 @@ class InterleavedEncoder(nn.Module):
         return out
 
 
-class SparseInterleavedEncoder(InterleavedEncoder):
+class SparseInterleavedEncoder(KeepingRatio, InterleavedEncoder):
     """Interleaved encoder whose low-level updates refine only scorer-selected low-level tokens.
 
     Args (beyond :class:`InterleavedEncoder`'s):
@@ -109,18 +109,6 @@ class SparseInterleavedEncoder(InterleavedEncoder):
         self.scorer = scorer
         self.rho = rho
 
-    @property
-    def rho(self) -> float:
-        return self._rho
-
-    @rho.setter
-    def rho(self, value: float) -> None:
-        self._rho = check_rho(value)
-
-    def set_rho(self, rho: float) -> None:
-        """Change the keeping ratio (e.g. to evaluate one trained model at several ratios)."""
-        self.rho = rho
-        logger.info("sparse interleaved encoder keeping ratio set to %.3f", self.rho)
 
     def low_levels(self, feats: FeatureSet) -> int:
         """Number of low-level levels, L − h."""

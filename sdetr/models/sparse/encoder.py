@@ -20,7 +20,7 @@ from sdetr.models.heads import HeadStack
 from sdetr.models.layers import get_clones
 from sdetr.models.neck import FeatureSet
 from sdetr.models.proposals import ProposalProjection, proposal_anchors
-from sdetr.models.sparse.selection import (TokenSelection, check_rho, gather_tokens,
+from sdetr.models.sparse.selection import (KeepingRatio, TokenSelection, gather_tokens,
                                            scatter_selected, select_tokens)
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class EncoderAuxHeads(HeadStack):
         return {"pred_logits": self.class_embed[i](hidden), "pred_boxes": boxes}
 
 
-class SparseEncoder(nn.Module):
+class SparseEncoder(KeepingRatio, nn.Module):
     """Scoring network + selection once + ``num_layers`` encoder layers on the selected tokens.
 
     Args:
@@ -89,18 +89,6 @@ class SparseEncoder(nn.Module):
                                        backend=backend)
         return cls(layer, num_layers, scorer, rho, aux_heads=aux_heads, aux_in_eval=aux_in_eval)
 
-    @property
-    def rho(self) -> float:
-        return self._rho
-
-    @rho.setter
-    def rho(self, value: float) -> None:
-        self._rho = check_rho(value)
-
-    def set_rho(self, rho: float) -> None:
-        """Change the keeping ratio (e.g. to evaluate one trained model at several ratios)."""
-        self.rho = rho
-        logger.info("sparse encoder keeping ratio set to %.3f", self.rho)
 
     @property
     def runs_aux_heads(self) -> bool:

@@ -7,6 +7,8 @@ only the first ``n_i`` of them (capped at k) are written back.
 
 from __future__ import annotations
 
+import logging
+
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +43,27 @@ def check_rho(rho: float) -> float:
     if not 0.0 < rho <= 1.0:
         raise ValueError(f"rho must be in (0, 1], got {rho}")
     return rho
+
+
+class KeepingRatio:
+    """Mixin: a keeping ratio ``rho`` in (0, 1], checked on every assignment and changeable
+    after training (dynamic sparsification: the scorer does not depend on rho)."""
+
+    _rho: float
+
+    @property
+    def rho(self) -> float:
+        return self._rho
+
+    @rho.setter
+    def rho(self, value: float) -> None:
+        self._rho = check_rho(value)
+
+    def set_rho(self, rho: float) -> None:
+        """Change the keeping ratio (e.g. to evaluate one trained model at several ratios)."""
+        self.rho = rho
+        logging.getLogger(type(self).__module__).info("%s keeping ratio set to %.3f",
+                                                      type(self).__name__, self.rho)
 
 
 def keep_counts(mask: Tensor, rho: float) -> Tensor:
