@@ -45,21 +45,18 @@ def _sources(pattern: str) -> list[str]:
     return sorted(glob.glob(pattern))
 
 
-def _find_cuda_home() -> str | None:
-    """CUDA toolkit root: CUDA_HOME/CUDA_PATH, /usr/local/cuda, or the root of the nvcc on PATH.
+def _load_find_cuda_home():
+    """``sdetr.utils.cuda_toolkit.find_cuda_home``, loaded by path (the package is not importable
+    while it is being built)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "_sdetr_cuda_toolkit", os.path.join(ROOT, "sdetr", "utils", "cuda_toolkit.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.find_cuda_home
 
-    Set before torch.utils.cpp_extension is imported, because torch guesses the parent of the
-    parent of ``which nvcc`` (``/usr/local`` when nvcc is a wrapper in /usr/local/bin).
-    """
-    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if candidate and os.path.exists(os.path.join(candidate, "bin", "nvcc")):
-            return candidate
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        root = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-        if os.path.exists(os.path.join(root, "include", "cuda_runtime.h")):
-            return root
-    return None
+
+_find_cuda_home = _load_find_cuda_home()
 
 
 def _have_cxx_compiler() -> bool:

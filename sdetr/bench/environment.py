@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from sdetr.ops import available_backends, compiled_build_info
+from sdetr.utils.cuda_toolkit import find_cuda_home
 from sdetr.ops.backends import BackendUnavailableError, registered_ops, resolve_backend
 
 _PROBE_TIMEOUT_S = 20
@@ -40,16 +41,8 @@ def compiler_facts() -> dict[str, Any]:
 
 
 def cuda_home() -> str | None:
-    """CUDA toolkit root, found like setup.py does: CUDA_HOME/CUDA_PATH, /usr/local/cuda, nvcc on PATH."""
-    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if candidate and os.path.exists(os.path.join(candidate, "bin", "nvcc")):
-            return candidate
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        root = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-        if os.path.exists(os.path.join(root, "include", "cuda_runtime.h")):
-            return root
-    return None
+    """CUDA toolkit root, found exactly as setup.py finds it."""
+    return find_cuda_home()
 
 
 def cuda_toolkit_facts() -> dict[str, Any]:

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from . import backends
+from ._define import define_differentiable_op
 from .ms_deform_attn import _grids, _level_maps, _sample
 
 OP_NAME = "kda"
@@ -232,18 +233,9 @@ def _autograd_backward(ctx, grad_output: Tensor | None, grad_weights: Tensor | N
 
 
 def _define_ops() -> None:
-    """Define the two custom ops once per process (a module reload keeps the first definition)."""
-    if not hasattr(torch.ops.sdetr, "kda_backward"):
-        backward_op = torch.library.custom_op(_BACKWARD_QUALNAME, mutates_args=())(_backward_kernel)
-        backward_op.register_fake(_backward_fake)
-    if not hasattr(torch.ops.sdetr, "kda"):
-        forward_op = torch.library.custom_op(_QUALNAME, mutates_args=())(_forward_kernel)
-        forward_op.register_fake(_forward_fake)
-        forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
-        # float32/float64 only, like MSDA: under autocast the op runs in float32.
-        for device_type in ("cpu", "cuda"):
-            if torch.amp.is_autocast_available(device_type):
-                torch.library.register_autocast(_QUALNAME, device_type, torch.float32)
+    """Define the op and its backward once per process (kernels are fp32/fp64: autocast → fp32)."""
+    define_differentiable_op(_QUALNAME, _forward_kernel, _forward_fake, _BACKWARD_QUALNAME,
+                             _backward_kernel, _backward_fake, _autograd_backward, _setup_context)
 
 
 def kda(query: Tensor, key: Tensor, value: Tensor, spatial_shapes: Tensor,

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends
+from ._define import define_differentiable_op
 
 OP_NAME = "ms_deform_attn"
 _QUALNAME = "sdetr::ms_deform_attn"
@@ -176,10 +177,6 @@ def _ms_deform_attn_pytorch_backward(
     return grad_value, grad_loc.transpose(1, 2).contiguous(), grad_attn.transpose(1, 2).contiguous()
 
 
-def _op_defined(name: str) -> bool:
-    return hasattr(torch.ops.sdetr, name)
-
-
 def _forward_kernel(
     value: Tensor,
     spatial_shapes: Tensor,
@@ -256,18 +253,9 @@ def _autograd_backward(ctx, grad_output: Tensor) -> tuple:
 
 
 def _define_ops() -> None:
-    """Define the two custom ops once per process (a module reload keeps the first definition)."""
-    if not _op_defined("ms_deform_attn_backward"):
-        backward_op = torch.library.custom_op(_BACKWARD_QUALNAME, mutates_args=())(_backward_kernel)
-        backward_op.register_fake(_backward_fake)
-    if not _op_defined("ms_deform_attn"):
-        forward_op = torch.library.custom_op(_QUALNAME, mutates_args=())(_forward_kernel)
-        forward_op.register_fake(_forward_fake)
-        forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
-        # The kernels are float32/float64 only (§3.4): under autocast the op runs in float32.
-        for device_type in ("cpu", "cuda"):
-            if torch.amp.is_autocast_available(device_type):
-                torch.library.register_autocast(_QUALNAME, device_type, torch.float32)
+    """Define the op and its backward once per process (kernels are fp32/fp64: autocast → fp32)."""
+    define_differentiable_op(_QUALNAME, _forward_kernel, _forward_fake, _BACKWARD_QUALNAME,
+                             _backward_kernel, _backward_fake, _autograd_backward, _setup_context)
 
 
 def ms_deform_attn(
