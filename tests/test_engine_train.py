@@ -39,7 +39,8 @@ def run_config(data_root: Path, out: Path, *extra: str,
         "data.crop_scales=[]", "data.train_max_size=192", "data.eval_size=128",
         "data.eval_max_size=192", "data.num_workers=0", "train.epochs=2",
         "train.batch_size=4", "train.micro_batch_size=2", "train.workers=1",
-        "train.keep_checkpoints=1", "eval.batch_size=4", f"train.output_dir={out}", *extra)
+        "train.keep_checkpoints=1", "eval.batch_size=4", f"train.output_dir={out}",
+        "profile.image_size=[64,80]", *extra)
 
 
 def mlflow_client(uri: str):
@@ -88,6 +89,9 @@ def test_plain_run_trains_checkpoints_evaluates_and_tracks(base_run):
     assert info.state.mlflow_run_id == result.mlflow_run_id
     assert (run_dir / "eval" / "detections_final.json").is_file()
     assert "batch_size: 4" in (run_dir / "config.yaml").read_text()
+    profile = json.loads((run_dir / "profile.json").read_text())  # the profiling stage
+    assert profile["flops"]["protocol"]["image_size"] == [64, 80]
+    assert profile["flops"]["uncounted"] == {}
 
     client = mlflow_client(base_run.uri)
     run = client.get_run(result.mlflow_run_id)
@@ -102,8 +106,14 @@ def test_plain_run_trains_checkpoints_evaluates_and_tracks(base_run):
     assert [s for s, _ in history(base_run.uri, result.mlflow_run_id, "eval/AP")] == [1, 2]
     assert run.data.metrics["lr/default"] == pytest.approx(2e-4)
     assert run.data.metrics["lr/linear_proj"] == pytest.approx(2e-5)
+    assert run.data.metrics["profile/gflops"] == pytest.approx(profile["flops"]["gflops"])
+    assert run.data.metrics["profile/params_trainable"] == profile["params_trainable"]
+    assert run.data.tags["sdetr.profile.flops.image_size"] == "64x80"
+    assert [s for s, _ in history(base_run.uri, result.mlflow_run_id, "profile/gflops")] == [2]
+    final = json.loads((run_dir / "result.json").read_text())
+    assert final["profile"]["profile/gflops"] == pytest.approx(profile["flops"]["gflops"])
     artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id)}
-    assert {"config.yaml", "result.json", "eval"} <= artifacts
+    assert {"config.yaml", "result.json", "profile.json", "eval"} <= artifacts
     evals = {a.path for a in client.list_artifacts(result.mlflow_run_id, "eval")}
     assert "eval/metrics_epoch_0002.json" in evals
 
@@ -124,7 +134,7 @@ def test_run_dir_of_another_config_is_refused(base_run, data_root):
     with pytest.raises(ConfigError, match=r"another config \(train.lr: 0.0002 -> 0.001\)"):
         train_in(base_run.out, changed, base_run.uri)
     more = run_config(data_root, base_run.out / "runs", "name=base", "train.keep_checkpoints=3",
-                      "train.eval_every=2")  # allowed changes: still finished
+                      "train.eval_every=2", "profile.what=[params]")  # allowed: still finished
     assert train_in(base_run.out, more, base_run.uri).status == "already_finished"
 
 

@@ -298,11 +298,12 @@ def test_log_profile_metrics_and_protocol_tags():
     result = profile_model(cfg, ["params", "flops"], options=ProfileOptions(image_size=(48, 64)))
     tracker = _RecordingTracker()
     log_profile(result, tracker)
-    assert tracker.metrics["gflops"] == pytest.approx(result["flops"]["gflops"])
+    assert tracker.metrics["profile/gflops"] == pytest.approx(result["flops"]["gflops"])
     assert math.isclose(sum(v for k, v in tracker.metrics.items()
-                            if k.startswith("gflops_") and k != "gflops_inference_only"),
-                        tracker.metrics["gflops"], rel_tol=1e-9)
-    assert tracker.metrics["params_trainable"] == result["params_trainable"]
+                            if k.startswith("profile/gflops_")
+                            and k != "profile/gflops_inference_only"),
+                        tracker.metrics["profile/gflops"], rel_tol=1e-9)
+    assert tracker.metrics["profile/params_trainable"] == result["params_trainable"]
     assert tracker.tags["sdetr.profile.flops.convention"] == "fvcore, 1 multiply-add = 1 flop"
     assert tracker.tags["sdetr.profile.flops.image_size"] == "48x64"
     assert tracker.flushed
@@ -324,9 +325,9 @@ def test_cli_profile_json_and_mlflow(capsys, tmp_path):
     assert result["flops"]["protocol"]["image_size"] == [128, 160]
     assert result["flops"]["uncounted"] == {}
     run = mlflow.MlflowClient(tracking_uri=uri).get_run(result["mlflow_run_id"])
-    assert run.data.metrics["gflops"] == pytest.approx(result["flops"]["gflops"])
-    assert run.data.metrics["fps_b4"] == pytest.approx(result["fps"]["b4"]["fps"])
-    assert "mem_train_b1_peak_mb" in run.data.metrics
+    assert run.data.metrics["profile/gflops"] == pytest.approx(result["flops"]["gflops"])
+    assert run.data.metrics["profile/fps_b4"] == pytest.approx(result["fps"]["b4"]["fps"])
+    assert "profile/mem_train_b1_peak_mb" in run.data.metrics
     assert run.data.params["model.encoder"] == "dense"
     assert run.data.tags["sdetr.profile.fps.b1.iterations"] == "2"
     assert run.data.tags["sdetr.preset"] == "deformable_detr_tiny"

@@ -19,11 +19,12 @@ from sdetr.config.schema import (
     ExperimentConfig,
     LossConfig,
     ModelConfig,
+    ProfileConfig,
     TrainConfig,
 )
 
 __all__ = [
     "BackboneConfig", "ConfigError", "DataConfig", "EvalConfig", "ExperimentConfig",
-    "LossConfig", "ModelConfig", "TrainConfig", "config_from_dict", "flatten", "load_config",
+    "LossConfig", "ModelConfig", "ProfileConfig", "TrainConfig", "config_from_dict", "flatten", "load_config",
     "parse_override", "preset_names", "preset_path", "to_dict", "to_yaml", "unflatten",
 ]

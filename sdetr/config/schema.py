@@ -24,6 +24,8 @@ AttentionKind = Literal["deformable", "key_aware"]
 LiteVariant = Literal["paper", "code"]
 KernelBackend = Literal["auto", "reference", "compiled"]
 Precision = Literal["fp32", "bf16"]
+ProfileMeasurement = Literal["params", "flops", "fps", "memory"]
+ProfileModules = Literal["full", "inference_only"]
 
 
 @dataclass
@@ -296,6 +298,42 @@ class EvalConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """The profiling stage that ends a training run (``sdetr.profiling``, REFERENCE §10).
+
+    After the final evaluation, rank 0 measures ``what`` on the trained model (empty list: no
+    stage) with the paper protocols, logs the figures to the run's MLflow run and writes
+    ``profile.json``. ``image_size`` [H, W] replaces every protocol's input size (empty: 850×1040
+    for FLOPs, the first val image after the eval resize for FPS/memory); ``batch_sizes`` are
+    the FPS/memory batches ("FPS" = 1, "B4FPS" = 4); ``iters`` / ``warmup`` (None: 300 / 5 on
+    CUDA, 10 / 2 on CPU); ``modules``: count what the released code runs ("full") or only
+    inference modules; ``match_published``: Sparse DETR rows also count the published protocol.
+    """
+
+    what: list[ProfileMeasurement] = field(default_factory=lambda: ["params", "flops"])
+    image_size: list[int] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 4])
+    iters: Optional[int] = None
+    warmup: Optional[int] = None
+    modules: ProfileModules = "full"
+    match_published: bool = True
+
+    def validate(self, prefix: str = "profile") -> None:
+        if len(set(self.what)) != len(self.what):
+            raise ConfigError(f"{prefix}.what: {self.what} names a measurement twice")
+        if self.image_size and (len(self.image_size) != 2 or min(self.image_size) < 1):
+            raise ConfigError(f"{prefix}.image_size: expected [H, W] of positive ints or [], "
+                              f"got {self.image_size}")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ConfigError(f"{prefix}.batch_sizes: expected positive ints, "
+                              f"got {self.batch_sizes}")
+        if self.iters is not None and self.iters < 1:
+            raise ConfigError(f"{prefix}.iters: must be >= 1, got {self.iters}")
+        if self.warmup is not None and self.warmup < 0:
+            raise ConfigError(f"{prefix}.warmup: must be >= 0, got {self.warmup}")
+
+
+@dataclass
 class ExperimentConfig:
     """A whole run: what to build, what to train on, how, and how to evaluate."""
 
@@ -305,12 +343,14 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def validate(self) -> None:
         self.model.validate("model")
         self.data.validate("data")
         self.train.validate("train")
         self.eval.validate("eval")
+        self.profile.validate("profile")
         if self.eval.rho_sweep and not self.model.selects_tokens:
             raise ConfigError("eval.rho_sweep: only a token-selecting encoder "
                               "(model.encoder=sparse|sparse_interleaved) has a keeping ratio")

@@ -32,10 +32,12 @@ from sdetr.utils.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-# Keys that may differ between a run and its resumption (they do not change the optimisation).
+# Keys that may differ between a run and its resumption (they do not change the optimisation),
+# and whole sections that may (the profiling stage measures, it does not train).
 RESUMABLE_CHANGES = ("train.epochs", "train.workers", "train.eval_every",
                      "train.keep_checkpoints", "train.output_dir", "data.num_workers",
                      "model.kernel_backend")
+RESUMABLE_SECTIONS = ("profile.",)
 
 
 @dataclass
@@ -168,7 +170,8 @@ def _check_same_config(cfg: ExperimentConfig, saved: Path) -> None:
         return
     old, new = flatten(load_config(saved)), flatten(cfg)
     changed = sorted(k for k in set(old) | set(new)
-                     if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+                     if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES
+                     and not k.startswith(RESUMABLE_SECTIONS))
     if changed:
         details = ", ".join(f"{k}: {old.get(k)} -> {new.get(k)}" for k in changed[:4])
         raise ConfigError(f"{saved.parent} holds a run of another config ({details}); "

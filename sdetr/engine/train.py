@@ -4,12 +4,14 @@
 (Ray Train makes one; :func:`sdetr.engine.launch.run_training` makes a one-rank gloo group in
 plain mode). Per epoch: train through DeepSpeed (gradient accumulation keeps the total batch),
 step the LR schedule, evaluate on rank 0 when due, log to MLflow from rank 0, write a
-checkpoint. After the last epoch rank 0 writes ``model_final.pth`` and ``result.json``.
+checkpoint. After the last epoch rank 0 runs the profiling stage (``cfg.profile``,
+:mod:`sdetr.engine.profile_stage`), then writes ``model_final.pth`` and ``result.json``.
 
 MLflow metric names: ``train/<loss key>`` (weighted total ``train/loss`` and every term,
 averaged over the epoch and the workers), ``lr/<group>``, ``time/epoch_s``,
 ``time/step_s``, ``eval/<AP key>`` and ``eval/seconds`` (also ``eval_rho<r>/...`` for a final
-rho sweep; see ``sdetr.engine.evaluate.metrics_for_logging``); step = complete epochs.
+rho sweep; see ``sdetr.engine.evaluate.metrics_for_logging``), ``profile/<figure>`` (the
+profiling stage; see ``sdetr.profiling.profile_metrics``); step = complete epochs.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from sdetr.engine.distributed import (DistContext, current_context, one_line, ru
                                       seed_everything)
 from sdetr.engine.evaluate import evaluate, evaluate_rho_sweep, metrics_for_logging
 from sdetr.engine.optim import build_optimizer, build_scheduler, group_lrs
+from sdetr.engine.profile_stage import profile_metrics_logged, run_profile_stage
 from sdetr.engine.steps import progress_bar, run_epoch
-from sdetr.models import build, save_model_weights
+from sdetr.models import BuiltModel, build, save_model_weights
 from sdetr.tracking import DEFAULT_EXPERIMENT, Tracker, make_tracker, run_tags
 from sdetr.utils.io import atomic_write_text
 
@@ -125,7 +128,8 @@ class Trainer:
                 self._train_epoch()
             if self.state.eval_epoch != self.state.epoch:
                 self._evaluate_and_log()
-            return run_on_main(self.ctx, self._write_final)
+            profile = run_on_main(self.ctx, self._profile)
+            return run_on_main(self.ctx, lambda: self._write_final(profile))
         except BaseException as exc:
             self._fail(exc)
             raise
@@ -266,12 +270,21 @@ class Trainer:
         return copy.deepcopy(module).float()
 
     # ------------------------------------------------------------------ end of run
-    def _write_final(self) -> dict[str, Any]:
+    def _profile(self) -> dict[str, float]:
+        """The profiling stage (``cfg.profile``) on the trained model; its MLflow metrics."""
+        built = BuiltModel(model=self._eval_model(), criterion=self.criterion,
+                           postprocess=self.postprocess, kernel_backend=self.kernel_backend)
+        result = run_profile_stage(self.cfg, built, self.run_dir, self.tracker,
+                                   device=self.ctx.device, step=self.state.epoch)
+        return {} if result is None else profile_metrics_logged(result)
+
+    def _write_final(self, profile: Optional[dict[str, float]]) -> dict[str, Any]:
         model_path = save_model_weights(self.run_dir / ckpt.FINAL_MODEL, self._eval_model(),
                                         self.cfg.model)
         result = {"status": "FINISHED", "name": self.cfg.name,
                   "mlflow_run_id": self.state.mlflow_run_id, "epochs": self.state.epoch,
                   "global_step": self.state.global_step, "metrics": self.state.last_eval,
+                  "profile": profile or {},
                   "model": str(model_path), "world_size": self.ctx.world_size,
                   "kernel_backend": self.kernel_backend}
         atomic_write_text(self.run_dir / RESULT_FILE, json.dumps(result, indent=2))

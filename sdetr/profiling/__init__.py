@@ -12,14 +12,14 @@ from sdetr.profiling.modes import profiling_modules
 from sdetr.profiling.params import ParamCounts, count_parameters
 from sdetr.profiling.protocol import (FIRST_VAL_SIZE, PAPER_FLOPS_SIZE, PUBLISHED_GFLOPS,
                                       PUBLISHED_SPARSE_SIZE, RELEASED_CODE_GFLOPS, Protocol)
-from sdetr.profiling.run import (WHAT_AVAILABLE, ProfileOptions, log_profile, profile_metrics,
+from sdetr.profiling.run import (METRIC_PREFIX, WHAT_AVAILABLE, ProfileOptions, log_profile, profile_metrics,
                                  profile_model, profile_tags)
 from sdetr.profiling.speed import TimingStats, interleaved_latency, measure_fps, measure_latency
 
 __all__ = [
     "CUSTOM_HANDLES", "FIRST_VAL_SIZE", "FlopCount", "IGNORED_BY_CONVENTION", "MemoryStats",
-    "PAPER_FLOPS_SIZE", "PUBLISHED_GFLOPS", "PUBLISHED_SPARSE_SIZE", "ParamCounts",
-    "ProfileInput", "ProfileOptions", "Protocol", "RELEASED_CODE_GFLOPS", "TimingStats",
+    "METRIC_PREFIX", "PAPER_FLOPS_SIZE", "PUBLISHED_GFLOPS", "PUBLISHED_SPARSE_SIZE",
+    "ParamCounts", "ProfileInput", "ProfileOptions", "Protocol", "RELEASED_CODE_GFLOPS", "TimingStats",
     "WHAT_AVAILABLE", "coco_first_image", "coco_images", "count_flops", "count_parameters",
     "flop_group", "inference_memory", "interleaved_latency", "log_profile", "mean_flop_counts",
     "measure_fps", "measure_latency", "profile_metrics", "profile_model", "profile_tags",

@@ -14,7 +14,8 @@ takes a :class:`~sdetr.models.BuiltModel`) and returns one JSON-ready dict::
 
 :func:`profile_metrics` flattens it to MLflow metrics (``params_*``, ``gflops``,
 ``gflops_<group>``, ``gflops_inference_only``, ``gflops_published_protocol``, ``fps_b1``,
-``fps_b4``, ``latency_b1_ms``, ``mem_*``) and :func:`profile_tags` to tags.
+``fps_b4``, ``latency_b1_ms``, ``mem_*``; logged as ``profile/<name>``) and :func:`profile_tags`
+to tags.
 """
 
 from __future__ import annotations
@@ -187,13 +188,19 @@ def profile_tags(result: dict[str, Any]) -> dict[str, str]:
     return tags
 
 
-def log_profile(result: dict[str, Any], tracker: Any, step: int = 0) -> dict[str, float]:
+METRIC_PREFIX = "profile/"
+
+
+def log_profile(result: dict[str, Any], tracker: Any, step: int = 0,
+                prefix: str = METRIC_PREFIX) -> dict[str, float]:
     """Log a profile to a started tracker (:mod:`sdetr.tracking`): metrics and protocol tags.
 
+    Metric names are :func:`profile_metrics`' with ``prefix`` (``profile/gflops``, ...: the same
+    names for ``sdetr profile --tracking-uri`` and for the profiling stage of a training run).
     Params (the flattened config) and provenance tags are the caller's (the run logs them once).
     Returns the metrics logged.
     """
-    metrics = profile_metrics(result)
+    metrics = {prefix + k: v for k, v in profile_metrics(result).items()}
     tracker.log_metrics(metrics, step=step)
     tracker.set_tags(profile_tags(result))
     tracker.flush()
