@@ -142,7 +142,9 @@ def _extensions() -> tuple[list, dict]:
         cuda_macros = ["-DSDETR_WITH_CUDA", f"-DSDETR_BUILD_CUDA_ARCHS={_macro_value(archs.replace(';', ','))}"]
         include_dirs = _nvidia_wheel_includes()
         ext = CUDAExtension(EXT_NAME, cpu_sources + cuda_sources, include_dirs=include_dirs,
-                            extra_compile_args={"cxx": cxx + cuda_macros, "nvcc": NVCC_FLAGS + cuda_macros},
+                            # nvcc splits -D values at commas: only the host compiler (bindings.cpp,
+                            # build_info) gets the arch list.
+                            extra_compile_args={"cxx": cxx + cuda_macros, "nvcc": NVCC_FLAGS + cuda_macros[:1]},
                             extra_link_args=LINK_FLAGS)
         _say(f"building CPU + CUDA kernels (CUDA_HOME={cuda_home}, TORCH_CUDA_ARCH_LIST={archs})")
     return [ext], {"build_ext": BuildExtension}
