@@ -118,6 +118,23 @@ def test_synth_main_is_atomic_and_reuses_same_parameters(tmp_path: Path) -> None
         synth_main(str(out), train=3, val=3, seed=2, min_size=64, max_size=128)
 
 
+def test_output_of_an_older_generator_is_replaced(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "ds"
+    monkeypatch.setattr(synth, "GENERATOR_VERSION", synth.GENERATOR_VERSION - 1)
+    synth_main(str(out), train=2, val=2, seed=1, min_size=64, max_size=128)
+    (out / "extra.txt").write_text("from the old output")
+    monkeypatch.undo()
+    synth_main(str(out), train=2, val=2, seed=1, min_size=64, max_size=128)
+    meta = synth.read_synth_meta(out)
+    assert meta["params"]["generator_version"] == synth.GENERATOR_VERSION
+    assert not (out / "extra.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no temp dir left
+    monkeypatch.setattr(synth, "GENERATOR_VERSION", synth.GENERATOR_VERSION - 1)
+    with pytest.raises(DatasetError, match="refusing to overwrite"):  # newer: never downgraded
+        synth_main(str(out), train=2, val=2, seed=1, min_size=64, max_size=128)
+
+
 def test_synth_main_refuses_a_foreign_directory(tmp_path: Path) -> None:
     (tmp_path / "mine.txt").write_text("keep me")
     with pytest.raises(DatasetError, match=re.escape(f"refusing to overwrite {tmp_path}")):

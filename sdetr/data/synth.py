@@ -13,6 +13,8 @@ Facts about the data:
 * Textured backgrounds (smooth noise, gradients, stripes, checkers), random object colours
   and per-image Gaussian noise: colour carries no class information, shape does.
 * Image sides are independently uniform in ``min_size..max_size`` (varying aspect ratio).
+* Object sizes (target pixel areas, ``synth_layout.TARGET_AREA``): small 324..900 (COCO's
+  small is < 32²), medium 1600..7500, large >= 14500, drawn 30 / 45 / 25 %.
 * Every image has 1..6 objects (never zero: keeps AP clean). A placement is rejected if its
   box IoU with an earlier object exceeds 0.5 or it would leave an earlier object < 70% visible.
 * ``bbox`` = [x, y, w, h] of the *visible* extent in pixels; ``area`` = number of visible
@@ -47,7 +49,7 @@ from sdetr.data.synth_layout import SIZE_CLASSES, SynthAnnotation, area_range, r
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 META_FILE = "sdetr_synth.json"
 SPLITS = ("train2017", "val2017")
 JPEG_QUALITY = 90
@@ -210,32 +212,51 @@ def synth_main(out: str, train: int, val: int, seed: int, *, min_size: int = 160
                max_size: int = 320) -> SynthSummary:
     """Generate the dataset at ``out`` atomically (temp dir next to it, then rename).
 
-    If ``out`` is a previous synth output with the same parameters it is reused as is.
-    Raises DatasetError if ``out`` is a non-empty directory of anything else (or a file).
+    If ``out`` is a previous synth output with the same parameters it is reused as is; one
+    written by an older generator version (same seed, counts and sizes) is replaced by the
+    current one. Raises DatasetError if ``out`` is a non-empty directory of anything else (or a
+    file).
     """
     _check_params(train, val, seed, min_size, max_size)
     target = Path(out)
     params = {"generator_version": GENERATOR_VERSION, "seed": seed, "num_train": train,
               "num_val": val, "min_size": min_size, "max_size": max_size}
+    stale = False
     if target.exists():
         if not target.is_dir():
             raise DatasetError(f"refusing to overwrite {target}: it is a file")
         if any(target.iterdir()):
             meta = read_synth_meta(target)
-            if meta is None or meta["params"] != params:
+            if meta is not None and meta["params"] == params:
+                logger.info("reusing synthetic dataset at %s (same parameters)", target)
+                return _summary_from_meta(meta, target)
+            stale = meta is not None and _older_version_of(meta["params"], params)
+            if not stale:
                 raise DatasetError(f"refusing to overwrite {target}: non-empty and not a synth "
                                    f"output of these parameters {params}")
-            logger.info("reusing synthetic dataset at %s (same parameters)", target)
-            return _summary_from_meta(meta, target)
+            logger.warning("synthetic dataset at %s was written by generator version %s: "
+                           "replacing it with version %d", target,
+                           meta["params"].get("generator_version"), GENERATOR_VERSION)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp makes it 0700; the dataset should be readable like any folder
     try:
         summary = generate_synthetic_coco(tmp, num_train=train, num_val=val, seed=seed,
                                           min_size=min_size, max_size=max_size)
+        if stale:  # the old output leaves only once the new one is complete
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
+            os.replace(target, old / target.name)
+            shutil.rmtree(old)
         os.replace(tmp, target)  # atomic; an existing *empty* target dir is replaced
     except BaseException:
         shutil.rmtree(tmp)
         raise
     logger.info("synthetic dataset ready at %s", target)
     return replace(summary, out_dir=str(target))
+
+
+def _older_version_of(found: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """True when ``found`` are the same generation parameters from an older generator."""
+    version = found.get("generator_version")
+    same_rest = all(found.get(k) == v for k, v in wanted.items() if k != "generator_version")
+    return isinstance(version, int) and version < wanted["generator_version"] and same_rest

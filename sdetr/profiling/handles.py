@@ -96,7 +96,7 @@ IGNORED_BY_CONVENTION: frozenset[str] = frozenset(f"aten::{op}" for op in (
     # elementwise arithmetic and math
     "add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "neg", "pow", "sqrt",
     "rsqrt", "exp", "log", "log_", "abs", "reciprocal", "floor", "ceil", "round", "sign",
-    "clamp_min", "clamp_max", "fill_", "zero_", "lerp",
+    "clamp_min", "clamp_max", "fill_", "zero_", "lerp", "addcmul",
     # activations and normalisations of scores
     "sigmoid", "sigmoid_", "tanh", "gelu", "silu", "softmax", "log_softmax", "hardtanh",
     "leaky_relu", "elu",

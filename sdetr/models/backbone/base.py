@@ -18,8 +18,9 @@ class FrozenBatchNorm2d(nn.Module):
     """BatchNorm2d with fixed statistics and affine parameters (all four are buffers).
 
     ``y = x * scale + shift`` with ``scale = weight / sqrt(running_var + eps)`` and
-    ``shift = bias - running_mean * scale``, written as elementwise ops so that fvcore counts
-    no flops for it. A ``num_batches_tracked`` entry in a loaded state_dict is dropped.
+    ``shift = bias - running_mean * scale``, as one fused elementwise ``addcmul`` (one pass over
+    the feature map instead of two: on CPU the frozen BatchNorms of R50 are otherwise a third of
+    the backbone's time) that fvcore, by convention, counts as no flops. A ``num_batches_tracked`` entry in a loaded state_dict is dropped.
 
     Args:
         num_features: channels C of the (B, C, H, W) input.
@@ -43,7 +44,7 @@ class FrozenBatchNorm2d(nn.Module):
         """x (B, C, H, W) → (B, C, H, W)."""
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         shift = self.bias - self.running_mean * scale
-        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+        return torch.addcmul(shift.reshape(1, -1, 1, 1), x, scale.reshape(1, -1, 1, 1))
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
