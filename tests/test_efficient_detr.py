@@ -74,7 +74,7 @@ def test_queries_are_top_k_memory_rows_by_max_class_logit(tiny):
     gathered = torch.gather(encoded.memory, 1, topk.unsqueeze(-1).expand(-1, -1, 128))
     assert torch.equal(queries.tgt, gathered)
     enc = queries.enc_outputs
-    assert enc["class_specific"] is True and enc["pred_logits"].shape == (2, feats.num_tokens, 91)
+    assert enc["class_specific"] is True and enc["pred_logits"].shape == (2, feats.num_tokens, 24)
     best = enc["pred_logits"].max(-1).values.topk(25, dim=1).indices
     assert torch.equal(topk.sort(1).values, best.sort(1).values)
     assert queries.reference.shape == (2, 25, 4)

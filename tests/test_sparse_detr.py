@@ -193,7 +193,9 @@ def test_dam_target_has_top_n_ones_among_valid_tokens():
 
 
 def test_dam_loss_is_mean_bce_over_all_tokens_with_pads_at_min_score():
-    scores = torch.randn(2, 10, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(2, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    values[0, 4] = values.min() - 1.0  # min(s), which pads take, is a valid token's score
+    scores = values.requires_grad_()
     mask = torch.zeros(2, 10, dtype=torch.bool)
     mask[1, 6:] = True
     target = torch.zeros(2, 10, dtype=torch.float64)
@@ -207,6 +209,7 @@ def test_dam_loss_is_mean_bce_over_all_tokens_with_pads_at_min_score():
     torch.testing.assert_close(loss, naive)
     loss.backward()
     assert scores.grad[mask].abs().sum() == 0 and scores.grad.abs().sum() > 0
+    assert scores.grad[0, 4] != 0  # the gradient of the pads' loss reaches the min token
 
 
 # ------------------------------------------------------------------------------ training
@@ -244,7 +247,7 @@ def test_one_model_evaluates_at_several_rhos():
             out = model(images, masks)
             feats = model.extract(images, masks)
             sel = model.encode(feats).extras["selection"]
-        assert out["pred_logits"].shape == (2, 30, 91) and torch.isfinite(out["pred_boxes"]).all()
+        assert out["pred_logits"].shape == (2, 30, 24) and torch.isfinite(out["pred_boxes"]).all()
         assert "extra_losses" not in out and "enc_aux_outputs" not in out
         valid = (~feats.mask).sum(1)
         assert sel.counts.tolist() == [min(math.floor(rho * v) + 1, feats.num_tokens) for v in valid.tolist()]

@@ -19,8 +19,7 @@ class FrozenBatchNorm2d(nn.Module):
 
     ``y = x * scale + shift`` with ``scale = weight / sqrt(running_var + eps)`` and
     ``shift = bias - running_mean * scale``, as one fused elementwise ``addcmul`` (one pass over
-    the feature map instead of two: on CPU the frozen BatchNorms of R50 are otherwise a third of
-    the backbone's time) that fvcore, by convention, counts as no flops. A ``num_batches_tracked`` entry in a loaded state_dict is dropped.
+    the feature map instead of two) that fvcore, by convention, counts as no flops. A ``num_batches_tracked`` entry in a loaded state_dict is dropped.
 
     Args:
         num_features: channels C of the (B, C, H, W) input.
