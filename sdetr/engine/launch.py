@@ -26,7 +26,6 @@ from sdetr.config import ConfigError, ExperimentConfig, flatten, load_config, to
 from sdetr.engine import checkpoints as ckpt
 from sdetr.engine.data import ensure_dataset
 from sdetr.engine.deepspeed_engine import accumulation_steps
-from sdetr.engine.ray_setup import runtime_env as ray_runtime_env
 from sdetr.engine.train import CONFIG_FILE, RESULT_FILE, WorkerArgs, train_worker
 from sdetr.tracking import DEFAULT_EXPERIMENT, resolve_tracking_uri
 from sdetr.utils.io import atomic_write_text
@@ -215,7 +214,7 @@ def _run_ray(args: WorkerArgs, workers: int, use_gpu: bool, max_failures: int,
     started = not ray.is_initialized()
     if started:  # $RAY_ADDRESS joins an existing cluster; otherwise always a fresh local one
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
-                 configure_logging=False, runtime_env=ray_runtime_env())
+                 configure_logging=False)
     try:
         trainer = TorchTrainer(
             train_worker, train_loop_config=dataclasses.asdict(args),

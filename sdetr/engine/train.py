@@ -79,6 +79,9 @@ def train_worker(config: dict[str, Any]) -> Optional[dict[str, Any]]:
         os.chdir(args.cwd)
     cfg = config_from_dict(args.config)
     ctx = current_context(args.use_gpu)
+    logger.info("rank %d/%d on %s: %d torch threads (OMP_NUM_THREADS=%s)", ctx.rank,
+                ctx.world_size, ctx.device, torch.get_num_threads(),
+                os.environ.get("OMP_NUM_THREADS", "unset"))
     return Trainer(cfg, args, ctx).run()
 
 
