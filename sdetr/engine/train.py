@@ -166,7 +166,8 @@ class Trainer:
         tags = run_tags(self.cfg, kernel_backend=self.kernel_backend,
                         world_size=self.ctx.world_size, device=self.ctx.device.type)
         tags.update({"sdetr.run_dir": str(self.run_dir),
-                     "sdetr.accumulation_steps": str(self.accumulation)})
+                     "sdetr.accumulation_steps": str(self.accumulation),
+                     "sdetr.torch_threads": str(torch.get_num_threads())})
         if resumed:
             tags["sdetr.resumed_at_epoch"] = str(self.state.epoch)
         self.tracker.set_tags(tags)
