@@ -1,4 +1,5 @@
-// Bilinear corner computation shared by the MSDA forward/backward (and KDA) CPU kernels.
+// Bilinear corner computation shared by the MSDA forward/backward and KDA kernels, CPU and CUDA
+// (under nvcc the function is __host__ __device__).
 //
 // Convention (REFERENCE.md §3.4): a normalised location (x, y) in the padded map of a level of
 // size (H, W) maps to the continuous pixel coordinate (x*W - 0.5, y*H - 0.5). A sample is skipped
@@ -8,6 +9,14 @@
 
 #include <cmath>
 #include <cstdint>
+
+#if defined(__CUDACC__)
+#define SDETR_INLINE_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define SDETR_INLINE_HD inline __attribute__((always_inline))
+#else
+#define SDETR_INLINE_HD inline
+#endif
 
 namespace sdetr_kernels {
 
@@ -21,11 +30,9 @@ struct BilinearSample {
 };
 
 // Fill `s` for the location (x, y) in a level of size (height, width); false if the sample is skipped.
+// The top-left corner is floor(), as in the official kernel.
 template <typename acc_t>
-#if defined(__GNUC__)
-__attribute__((always_inline))
-#endif
-inline bool msda_corners(acc_t x, acc_t y, int64_t height, int64_t width, BilinearSample<acc_t>& s) {
+SDETR_INLINE_HD bool msda_corners(acc_t x, acc_t y, int64_t height, int64_t width, BilinearSample<acc_t>& s) {
   const acc_t w = x * static_cast<acc_t>(width) - acc_t(0.5);
   const acc_t h = y * static_cast<acc_t>(height) - acc_t(0.5);
   // Written so that NaN locations are skipped too.

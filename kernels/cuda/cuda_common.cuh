@@ -138,37 +138,6 @@ __device__ __forceinline__ DeviceLevel load_level(const int64_t* __restrict__ sp
   return lv;
 }
 
-// The MSDA corner rule of common/bilinear.h (REFERENCE.md §3.4) on the device: pixel coordinate
-// (x*W - 0.5, y*H - 0.5), sample skipped (false) unless -1 < h < H and -1 < w < W (NaN too),
-// floor() for the top-left corner, pixel = -1 for a corner outside the level (zero padding).
-template <typename acc_t>
-__device__ __forceinline__ bool device_msda_corners(acc_t x, acc_t y, int64_t height, int64_t width,
-                                                    BilinearSample<acc_t>& s) {
-  const acc_t w = x * static_cast<acc_t>(width) - acc_t(0.5);
-  const acc_t h = y * static_cast<acc_t>(height) - acc_t(0.5);
-  if (!(h > acc_t(-1) && h < static_cast<acc_t>(height) && w > acc_t(-1) && w < static_cast<acc_t>(width))) {
-    return false;
-  }
-  const acc_t h_floor = device_floor(h);
-  const acc_t w_floor = device_floor(w);
-  const int64_t r0 = static_cast<int64_t>(h_floor);
-  const int64_t c0 = static_cast<int64_t>(w_floor);
-  s.ly = h - h_floor;
-  s.lx = w - w_floor;
-  s.hy = acc_t(1) - s.ly;
-  s.hx = acc_t(1) - s.lx;
-  const bool top = r0 >= 0, bottom = r0 + 1 < height, left = c0 >= 0, right = c0 + 1 < width;
-  s.pixel[0] = (top && left) ? r0 * width + c0 : -1;
-  s.pixel[1] = (top && right) ? r0 * width + c0 + 1 : -1;
-  s.pixel[2] = (bottom && left) ? (r0 + 1) * width + c0 : -1;
-  s.pixel[3] = (bottom && right) ? (r0 + 1) * width + c0 + 1 : -1;
-  s.weight[0] = s.hy * s.hx;
-  s.weight[1] = s.hy * s.lx;
-  s.weight[2] = s.ly * s.hx;
-  s.weight[3] = s.ly * s.lx;
-  return true;
-}
-
 // Sum of v over the `group` lanes of a row (group divides 32); every lane gets the same sum.
 // Must be reached by all 32 lanes of the warp.
 template <typename T>

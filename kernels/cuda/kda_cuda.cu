@@ -84,7 +84,7 @@ template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ bool row_sample(const KdaInputs<scalar_t>& in, const RowThread& t, const DeviceLevel& lv,
                                            int64_t sample, BilinearSample<acc_t>& s) {
   return t.active && lv.height > 0 &&
-         device_msda_corners<acc_t>(static_cast<acc_t>(in.loc[2 * sample]), static_cast<acc_t>(in.loc[2 * sample + 1]),
+         msda_corners<acc_t>(static_cast<acc_t>(in.loc[2 * sample]), static_cast<acc_t>(in.loc[2 * sample + 1]),
                                     lv.height, lv.width, s);
 }
 

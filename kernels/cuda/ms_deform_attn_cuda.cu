@@ -53,7 +53,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t p = 0; p < dims.points; ++p) {
       const int64_t j = l * dims.points + p;
       BilinearSample<acc_t> s;
-      if (!device_msda_corners<acc_t>(static_cast<acc_t>(row_loc[2 * j]), static_cast<acc_t>(row_loc[2 * j + 1]),
+      if (!msda_corners<acc_t>(static_cast<acc_t>(row_loc[2 * j]), static_cast<acc_t>(row_loc[2 * j + 1]),
                                       lv.height, lv.width, s)) {
         continue;
       }
@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t sample = t.row * J + j;
       BilinearSample<acc_t> s;
       const bool valid = t.active && lv.height > 0 &&
-                         device_msda_corners<acc_t>(static_cast<acc_t>(loc[2 * sample]),
+                         msda_corners<acc_t>(static_cast<acc_t>(loc[2 * sample]),
                                                     static_cast<acc_t>(loc[2 * sample + 1]), lv.height, lv.width, s);
       const acc_t a = valid ? static_cast<acc_t>(attn[sample]) : acc_t(0);
       acc_t part_attn = 0, part_x = 0, part_y = 0;  // this lane's channels
