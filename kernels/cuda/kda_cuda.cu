@@ -85,7 +85,7 @@ __device__ __forceinline__ bool row_sample(const KdaInputs<scalar_t>& in, const 
                                            int64_t sample, BilinearSample<acc_t>& s) {
   return t.active && lv.height > 0 &&
          msda_corners<acc_t>(static_cast<acc_t>(in.loc[2 * sample]), static_cast<acc_t>(in.loc[2 * sample + 1]),
-                                    lv.height, lv.width, s);
+                             lv.height, lv.width, s);
 }
 
 // `logits` (rows, J) may alias `attn_out` (float32 / float64): neither is __restrict__.

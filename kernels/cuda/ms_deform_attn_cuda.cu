@@ -54,7 +54,7 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t j = l * dims.points + p;
       BilinearSample<acc_t> s;
       if (!msda_corners<acc_t>(static_cast<acc_t>(row_loc[2 * j]), static_cast<acc_t>(row_loc[2 * j + 1]),
-                                      lv.height, lv.width, s)) {
+                               lv.height, lv.width, s)) {
         continue;
       }
       const acc_t a = static_cast<acc_t>(row_attn[j]);
@@ -109,7 +109,7 @@ __global__ void __launch_bounds__(kThreads)
       BilinearSample<acc_t> s;
       const bool valid = t.active && lv.height > 0 &&
                          msda_corners<acc_t>(static_cast<acc_t>(loc[2 * sample]),
-                                                    static_cast<acc_t>(loc[2 * sample + 1]), lv.height, lv.width, s);
+                                             static_cast<acc_t>(loc[2 * sample + 1]), lv.height, lv.width, s);
       const acc_t a = valid ? static_cast<acc_t>(attn[sample]) : acc_t(0);
       acc_t part_attn = 0, part_x = 0, part_y = 0;  // this lane's channels
       if (valid) {

@@ -15,14 +15,13 @@ import copy
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from sdetr.config import ExperimentConfig, ProfileConfig
 from sdetr.models import BuiltModel
-from sdetr.profiling import (METRIC_PREFIX, ProfileOptions, log_profile, profile_metrics,
-                             profile_model)
+from sdetr.profiling import METRIC_PREFIX, ProfileOptions, log_profile, profile_model
 from sdetr.utils.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -39,16 +38,16 @@ def profile_options(profile: ProfileConfig, device: torch.device) -> ProfileOpti
 
 
 def run_profile_stage(cfg: ExperimentConfig, built: BuiltModel, run_dir: Path, tracker: Any, *,
-                      device: torch.device, step: int) -> Optional[dict[str, Any]]:
-    """Profile ``built`` (a trained model; measured on a copy) as ``cfg.profile`` says.
+                      device: torch.device, step: int) -> dict[str, float]:
+    """Profile ``built`` (a trained model; measured on an fp32 copy) as ``cfg.profile`` says.
 
-    Returns the profile dict (also written to ``run_dir/profile.json`` and logged through
-    ``tracker``, a started :class:`~sdetr.tracking.Tracker`), or None when ``cfg.profile.what``
-    is empty.
+    The profile is written to ``run_dir/profile.json`` and logged through ``tracker`` (a started
+    :class:`~sdetr.tracking.Tracker`). Returns the metrics logged (``profile/<name>``), or {}
+    when ``cfg.profile.what`` is empty.
     """
     what = list(cfg.profile.what)
     if not what:
-        return None
+        return {}
     logger.info("profiling %s: %s on %s", cfg.name, ", ".join(what), device)
     measured = BuiltModel(model=copy.deepcopy(built.model).float(), criterion=built.criterion,
                           postprocess=built.postprocess, kernel_backend=built.kernel_backend)
@@ -56,16 +55,11 @@ def run_profile_stage(cfg: ExperimentConfig, built: BuiltModel, run_dir: Path, t
                            built=measured)
     path = run_dir / PROFILE_FILE
     atomic_write_text(path, json.dumps(result, indent=2))
-    log_profile(result, tracker, step=step)
+    metrics = log_profile(result, tracker, step=step)
     tracker.log_artifact(path)
     tracker.flush()
-    logger.info("profile of %s: %s", cfg.name, summary_line(profile_metrics_logged(result)))
-    return result
-
-
-def profile_metrics_logged(result: dict[str, Any]) -> dict[str, float]:
-    """The metrics a profile is logged as (``profile/<name>``)."""
-    return {METRIC_PREFIX + k: v for k, v in profile_metrics(result).items()}
+    logger.info("profile of %s: %s", cfg.name, summary_line(metrics))
+    return metrics
 
 
 def summary_line(metrics: dict[str, float]) -> str:
@@ -84,5 +78,5 @@ def summary_line(metrics: dict[str, float]) -> str:
     return ", ".join(parts) or "nothing measured"
 
 
-__all__ = ["PROFILE_FILE", "profile_metrics_logged", "profile_options", "run_profile_stage",
+__all__ = ["PROFILE_FILE", "profile_options", "run_profile_stage",
            "summary_line"]

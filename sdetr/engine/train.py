@@ -34,7 +34,7 @@ from sdetr.engine.distributed import (DistContext, current_context, one_line, ru
                                       seed_everything)
 from sdetr.engine.evaluate import evaluate, evaluate_rho_sweep, metrics_for_logging
 from sdetr.engine.optim import build_optimizer, build_scheduler, group_lrs
-from sdetr.engine.profile_stage import profile_metrics_logged, run_profile_stage
+from sdetr.engine.profile_stage import run_profile_stage
 from sdetr.engine.steps import progress_bar, run_epoch
 from sdetr.models import BuiltModel, build, save_model_weights
 from sdetr.tracking import DEFAULT_EXPERIMENT, Tracker, make_tracker, run_tags
@@ -276,11 +276,10 @@ class Trainer:
     # ------------------------------------------------------------------ end of run
     def _profile(self) -> dict[str, float]:
         """The profiling stage (``cfg.profile``) on the trained model; its MLflow metrics."""
-        built = BuiltModel(model=self._eval_model(), criterion=self.criterion,
+        built = BuiltModel(model=self.engine.module, criterion=self.criterion,
                            postprocess=self.postprocess, kernel_backend=self.kernel_backend)
-        result = run_profile_stage(self.cfg, built, self.run_dir, self.tracker,
-                                   device=self.ctx.device, step=self.state.epoch)
-        return {} if result is None else profile_metrics_logged(result)
+        return run_profile_stage(self.cfg, built, self.run_dir, self.tracker,
+                                 device=self.ctx.device, step=self.state.epoch)
 
     def _write_final(self, profile: Optional[dict[str, float]]) -> dict[str, Any]:
         model_path = save_model_weights(self.run_dir / ckpt.FINAL_MODEL, self._eval_model(),
