@@ -15,6 +15,7 @@ from sdetr.data import DatasetError, DetectionBatch, generate_synthetic_coco, lo
 from sdetr.engine import (METRIC_KEYS, build_dataset, build_loader, coco_metrics,
                           ensure_dataset, evaluate, evaluate_rho_sweep, set_loader_epoch,
                           to_coco_detections)
+from sdetr.engine.data import AspectGroupedBatchSampler, landscape_flags
 from sdetr.models import build
 
 SYNTH_IDS = [3, 7, 12, 18, 23]
@@ -205,3 +206,28 @@ def test_loader_batches_and_shards_deterministically(synth_root):
     batch = next(iter(build_loader(dataset, 3, shuffle=False, seed=0, num_workers=0)))
     assert isinstance(batch, DetectionBatch) and batch.images.shape[0] == 3
     assert [int(t["image_id"]) for t in batch.targets] == [1, 2, 3]
+
+
+def test_aspect_grouped_batches_keep_one_orientation_and_the_batch_count(synth_root):
+    dataset = build_dataset(_tiny_cfg(synth_root).data, "val")
+    flags = landscape_flags(dataset)
+    assert 0 < sum(flags) < len(flags)  # the synthetic set has both orientations
+    for world_size, drop_last in ((1, False), (1, True), (2, True)):
+        for rank in range(world_size):
+            plain = build_loader(dataset, 3, shuffle=True, seed=1, num_workers=0, rank=rank,
+                                 world_size=world_size, drop_last=drop_last)
+            grouped = build_loader(dataset, 3, shuffle=True, seed=1, num_workers=0, rank=rank,
+                                   world_size=world_size, drop_last=drop_last, landscape=flags)
+            set_loader_epoch(grouped, 2)
+            set_loader_epoch(plain, 2)
+            batches = list(grouped.batch_sampler)
+            assert len(batches) == len(grouped) == len(plain)  # same steps on every rank
+            # the same images as plain batching, each once
+            assert sorted(sum(batches, [])) == sorted(sum(list(plain.batch_sampler), []))
+            mixed = [b for b in batches if len({flags[i] for i in b}) > 1]
+            assert len(mixed) <= 1 and (not mixed or mixed[0] in batches[-2:])
+    sampler = AspectGroupedBatchSampler([0, 1, 2, 3, 4], [True, False, True, False, False], 2,
+                                        drop_last=False)
+    assert list(sampler) == [[0, 2], [1, 3], [4]]
+    with pytest.raises(ValueError, match="3 flags for 12 items"):
+        build_loader(dataset, 2, shuffle=False, seed=0, num_workers=0, landscape=flags[:3])

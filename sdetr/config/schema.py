@@ -203,6 +203,8 @@ class DataConfig:
 
     ``root`` is a COCO-2017-style folder (``train2017/``, ``val2017/``, ``annotations/``).
     ``synthetic`` makes the run generate (once) the deterministic synthetic dataset there.
+    ``group_by_aspect`` batches training images of one orientation together (less padding;
+    the official code does not, so the paper presets leave it off).
     """
 
     root: str = "data/coco"
@@ -221,6 +223,7 @@ class DataConfig:
     eval_size: int = 800
     eval_max_size: int = 1333
     num_workers: int = 2
+    group_by_aspect: bool = False
 
     def validate(self, prefix: str = "data") -> None:
         if not self.train_scales:

@@ -28,7 +28,7 @@ import torch
 
 from sdetr.config import ConfigError, ExperimentConfig, config_from_dict, flatten
 from sdetr.engine import checkpoints as ckpt
-from sdetr.engine.data import build_dataset, build_loader, set_loader_epoch
+from sdetr.engine.data import build_dataset, build_loader, landscape_flags, set_loader_epoch
 from sdetr.engine.deepspeed_engine import deepspeed_config, initialize_engine
 from sdetr.engine.distributed import (DistContext, current_context, one_line, run_on_main,
                                       seed_everything)
@@ -113,7 +113,8 @@ class Trainer:
         self.train_loader = build_loader(
             dataset, train.micro_batch_size, shuffle=True,
             seed=train.seed, num_workers=cfg.data.num_workers, rank=ctx.rank,
-            world_size=ctx.world_size, drop_last=True)
+            world_size=ctx.world_size, drop_last=True,
+            landscape=landscape_flags(dataset) if cfg.data.group_by_aspect else None)
         self.steps_per_epoch = len(self.train_loader) // self.accumulation
         if self.steps_per_epoch < 1:
             raise ValueError(f"the training set is too small for one step of train.batch_size="
