@@ -26,9 +26,9 @@ AREA_MEDIUM_MAX = 96**2
 SIZE_CLASSES = ("small", "medium", "large")
 # Target pixel areas per class. With MIN_VISIBLE = 0.7 the visible area of an object stays in
 # its class: 0.7 * 1600 > 32² and 0.7 * 14500 > 96²; 900 and 7500 leave room for rasterisation.
-# Small objects are 324..900 px (a square of 18..30 px): small by COCO's rule but 2..4 cells of
+# Small objects are 324..900 px² (a square of 18..30 px): small by COCO's rule but 2..4 cells of
 # the stride-8 level of a model that sees the image at ~256 px (generator version 1 went down to
-# 80 px, ~9 px sides, below what the CPU presets can resolve, so AP hardly rose in 30 minutes).
+# 80 px², ~9 px sides, below what the CPU presets can resolve, so AP hardly rose in 30 minutes).
 TARGET_AREA = {"small": (324.0, 900.0), "medium": (1600.0, 7500.0), "large": (14500.0, math.inf)}
 CLASS_PROBS = (0.3, 0.45, 0.25)
 MAX_OBJECTS = 6

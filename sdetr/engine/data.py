@@ -175,8 +175,8 @@ def build_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int,
 def landscape_flags(dataset: CocoDetection) -> list[bool]:
     """Per item of ``dataset``: is the image at least as wide as high (from the annotation
     file's ``width`` / ``height``, no image is opened)."""
-    return [dataset.coco.imgs[i]["width"] >= dataset.coco.imgs[i]["height"]
-            for i in dataset.ids]
+    infos = (dataset.coco.imgs[i] for i in dataset.ids)
+    return [info["width"] >= info["height"] for info in infos]
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int) -> None:

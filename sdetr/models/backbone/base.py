@@ -19,7 +19,8 @@ class FrozenBatchNorm2d(nn.Module):
 
     ``y = x * scale + shift`` with ``scale = weight / sqrt(running_var + eps)`` and
     ``shift = bias - running_mean * scale``, as one fused elementwise ``addcmul`` (one pass over
-    the feature map instead of two) that fvcore, by convention, counts as no flops. A ``num_batches_tracked`` entry in a loaded state_dict is dropped.
+    the feature map instead of two) that fvcore, by convention, counts as no flops. A
+    ``num_batches_tracked`` entry in a loaded state_dict is dropped.
 
     Args:
         num_features: channels C of the (B, C, H, W) input.
