@@ -36,6 +36,22 @@ def test_doctor_json_reports_facts_and_the_backend_of_every_op(capsys):
     assert len(facts["backend_lines"]) == len(facts["backends"])
 
 
+def test_cpu_facts_read_the_bf16_flags_from_cpuinfo(tmp_path):
+    from sdetr.bench.environment import cpu_facts
+    from sdetr.cli.doctor_cmd import cpu_line
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\n"
+                    "flags\t\t: fpu avx2 avx512_bf16 amx_tile amx_bf16\n\n"
+                    "processor\t: 1\nmodel name\t: Test CPU 9000\nflags\t\t: fpu avx2\n")
+    fast = cpu_facts(str(info))
+    assert fast["model"] == "Test CPU 9000" and fast["bf16_flags"] == ["amx_bf16", "avx512_bf16"]
+    assert "native bf16 (amx_bf16, avx512_bf16)" in cpu_line(fast)
+    info.write_text("model name\t: Old CPU\nflags\t\t: fpu avx2\n")
+    assert "keep train.precision=fp32" in cpu_line(cpu_facts(str(info)))
+    unknown = cpu_facts(str(tmp_path / "missing"))
+    assert unknown["bf16_flags"] is None and "native bf16 unknown" in cpu_line(unknown)
+
+
 def test_doctor_says_plainly_when_the_reference_runs_without_the_extension():
     env = {**os.environ, "SDETR_DISABLE_COMPILED": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-m", "sdetr", "doctor"], cwd=ROOT, capture_output=True, text=True,
@@ -45,7 +61,7 @@ def test_doctor_says_plainly_when_the_reference_runs_without_the_extension():
     assert "extension     not available (disabled)" in out
     assert "ms_deform_attn: reference" in out and "pure-PyTorch reference runs because sdetr._C is not available" in out
     assert "SDETR_DISABLE_COMPILED=1" in out
-    for word in ("torch", "GPU", "C++ compiler", "CUDA toolkit"):
+    for word in ("torch", "CPU", "GPU", "C++ compiler", "CUDA toolkit"):
         assert word in out
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from helpers import micro_config
 from sdetr.config import TrainConfig
-from sdetr.engine.deepspeed_engine import accumulation_steps, deepspeed_config
+from sdetr.engine.deepspeed_engine import accumulation_steps, autocast_dtype, deepspeed_config
 from sdetr.engine.optim import (build_optimizer, build_scheduler, group_lrs, group_of,
                                 lr_scale, param_groups)
 from sdetr.models import build_model
@@ -133,6 +133,15 @@ def test_deepspeed_config_keeps_total_batch_across_worker_counts():
     assert one["data_types"] == {"buffer_dtype": "bf16"}  # BatchNorm buffers follow the params
     fp32 = deepspeed_config(TrainConfig(), 8)
     assert fp32["bf16"]["enabled"] is False and "data_types" not in fp32
+
+
+def test_bf16_mixed_autocasts_with_fp32_deepspeed_weights():
+    mixed = TrainConfig(precision="bf16-mixed")
+    cfg = deepspeed_config(mixed, 8)
+    assert cfg["bf16"]["enabled"] is False and "data_types" not in cfg
+    assert autocast_dtype(mixed) == torch.bfloat16
+    assert autocast_dtype(TrainConfig(precision="bf16")) is None  # the model itself is bf16
+    assert autocast_dtype(TrainConfig()) is None
 
 
 def test_accumulation_rejects_batch_that_does_not_split():

@@ -165,6 +165,24 @@ def test_zero_stage2_reaches_the_same_losses_as_stage0(base_run, tmp_path, data_
     assert [v for _, v in ours] == pytest.approx([v for _, v in ref], rel=1e-4)
 
 
+def test_bf16_mixed_keeps_fp32_weights_and_follows_the_fp32_losses(base_run, tmp_path,
+                                                                  data_root):
+    cfg = run_config(data_root, tmp_path / "runs", "name=mixed", "train.precision=bf16-mixed")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = train_in(tmp_path, cfg, uri)
+    assert result.status == "finished"
+    ours = history(uri, result.mlflow_run_id, "train/loss")
+    ref = history(base_run.uri, base_run.result.mlflow_run_id, "train/loss")
+    assert [s for s, _ in ours] == [s for s, _ in ref] == [1, 2]
+    # bf16 rounding (8-bit mantissa) moves the losses a little, never far.
+    assert [v for _, v in ours] == pytest.approx([v for _, v in ref], rel=0.05)
+    assert [v for _, v in ours] != [v for _, v in ref]  # the forward did run in bf16
+    saved = result.model_path.parent / "checkpoints" / "epoch_0002" / ckpt.MODEL_FILE
+    weights = torch.load(saved, map_location="cpu", weights_only=True)["model"]
+    floats = [v for v in weights.values() if v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float32 for v in floats)
+
+
 def test_nan_loss_stops_with_last_checkpoint_intact(tmp_path, data_root, monkeypatch):
     from sdetr.models.criterion import SetCriterion
     original, calls = SetCriterion.forward, []

@@ -15,7 +15,7 @@ from sdetr.data import DatasetError, DetectionBatch, generate_synthetic_coco, lo
 from sdetr.engine import (METRIC_KEYS, build_dataset, build_loader, coco_metrics,
                           ensure_dataset, evaluate, evaluate_rho_sweep, set_loader_epoch,
                           to_coco_detections)
-from sdetr.engine.data import AspectGroupedBatchSampler, landscape_flags
+from sdetr.engine.data import ASPECT_BINS, AspectBatchSampler, aspect_ratios
 from sdetr.models import build
 
 SYNTH_IDS = [3, 7, 12, 18, 23]
@@ -208,26 +208,53 @@ def test_loader_batches_and_shards_deterministically(synth_root):
     assert [int(t["image_id"]) for t in batch.targets] == [1, 2, 3]
 
 
-def test_aspect_grouped_batches_keep_one_orientation_and_the_batch_count(synth_root):
-    dataset = build_dataset(_tiny_cfg(synth_root).data, "val")
-    flags = landscape_flags(dataset)
-    assert 0 < sum(flags) < len(flags)  # the synthetic set has both orientations
-    for world_size, drop_last in ((1, False), (1, True), (2, True)):
-        for rank in range(world_size):
-            plain = build_loader(dataset, 3, shuffle=True, seed=1, num_workers=0, rank=rank,
-                                 world_size=world_size, drop_last=drop_last)
-            grouped = build_loader(dataset, 3, shuffle=True, seed=1, num_workers=0, rank=rank,
-                                   world_size=world_size, drop_last=drop_last, landscape=flags)
-            set_loader_epoch(grouped, 2)
-            set_loader_epoch(plain, 2)
-            batches = list(grouped.batch_sampler)
-            assert len(batches) == len(grouped) == len(plain)  # same steps on every rank
-            # the same images as plain batching, each once
-            assert sorted(sum(batches, [])) == sorted(sum(list(plain.batch_sampler), []))
-            mixed = [b for b in batches if len({flags[i] for i in b}) > 1]
-            assert len(mixed) <= 1 and (not mixed or mixed[0] in batches[-2:])
-    sampler = AspectGroupedBatchSampler([0, 1, 2, 3, 4], [True, False, True, False, False], 2,
-                                        drop_last=False)
-    assert list(sampler) == [[0, 2], [1, 3], [4]]
-    with pytest.raises(ValueError, match="3 flags for 12 items"):
-        build_loader(dataset, 2, shuffle=False, seed=0, num_workers=0, landscape=flags[:3])
+def test_aspect_batches_share_a_bin_across_ranks_and_keep_the_batch_count(synth_root):
+    dataset = build_dataset(_tiny_cfg(synth_root).data, "val")  # 12 images
+    ratios = aspect_ratios(dataset)
+    assert min(ratios) < 1 < max(ratios)  # the synthetic set has both orientations
+    for world_size, drop_last in ((1, False), (1, True), (2, True), (2, False)):
+        loaders = [build_loader(dataset, 2, shuffle=True, seed=1, num_workers=0, rank=rank,
+                                world_size=world_size, drop_last=drop_last,
+                                aspect_ratios=ratios) for rank in range(world_size)]
+        plain = build_loader(dataset, 2, shuffle=True, seed=1, num_workers=0,
+                             world_size=world_size, drop_last=drop_last)
+        for loader in loaders:
+            set_loader_epoch(loader, 2)
+        per_rank = [list(loader.batch_sampler) for loader in loaders]
+        for batches, loader in zip(per_rank, loaders):
+            assert len(batches) == len(loader) == len(plain)  # same steps on every rank
+        steps = [sum(parts, []) for parts in zip(*per_rank)]  # all ranks' images of a step
+        seen = sum(steps, [])
+        if drop_last:
+            assert len(seen) == len(set(seen))  # each image at most once
+        else:
+            assert set(seen) == set(range(len(dataset)))  # every image, a few repeated
+        sampler = loaders[0].batch_sampler
+        bins = [{sampler.bin_of[i] for i in step} for step in steps]
+        full = [b for b, step in zip(bins, steps) if len(step) == 2 * world_size]
+        mixed = [b for b in full if len(b) > 1]
+        assert len(mixed) <= ASPECT_BINS - 1 and all(len(b) == 1 for b in full[:len(full) - len(mixed)])
+    set_loader_epoch(loaders[0], 3)
+    assert list(loaders[0].batch_sampler) != per_rank[0]  # the next epoch reshuffles
+    with pytest.raises(ValueError, match="3 values for 12 items"):
+        build_loader(dataset, 2, shuffle=False, seed=0, num_workers=0, aspect_ratios=ratios[:3])
+
+
+def test_aspect_batch_sampler_on_a_known_layout():
+    # two bins split at the median: tall images 0, 2, 4, 6, 8 and wide images 1, 3, 5, 7, 9
+    ratios = [0.5, 2.0, 0.6, 1.8, 0.7, 1.9, 0.8, 1.7, 0.9, 1.6]
+    kwargs = dict(shuffle=False, seed=0, bins=2)
+
+    def batches(batch_size, world_size, drop_last=False):
+        return [list(AspectBatchSampler(ratios, batch_size, rank=r, world_size=world_size,
+                                        drop_last=drop_last, **kwargs))
+                for r in range(world_size)]
+
+    assert batches(2, 1) == [[[0, 2], [1, 3], [4, 6], [5, 7], [8, 9]]]  # leftovers last
+    assert batches(2, 2) == [[[0, 2], [1, 3], [8]], [[4, 6], [5, 7], [9]]]
+    assert batches(2, 2, drop_last=True) == [[[0, 2], [1, 3]], [[4, 6], [5, 7]]]
+    # 10 images over 3 ranks: the last global batch [9] is padded from the start of the order
+    assert batches(1, 3) == [[[0], [1], [6], [9]], [[2], [3], [7], [0]], [[4], [5], [8], [1]]]
+    assert [len(b) for b in batches(1, 3, drop_last=True)] == [3, 3, 3]
+    with pytest.raises(ValueError, match="positive"):
+        AspectBatchSampler([1.0, 0.0], 1, rank=0, world_size=1, drop_last=False, **kwargs)

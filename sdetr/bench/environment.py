@@ -87,6 +87,32 @@ def torch_facts() -> dict[str, Any]:
     }
 
 
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_facts(cpuinfo: str = "/proc/cpuinfo") -> dict[str, Any]:
+    """The CPU model, torch's CPU kernel level, and the flags that give native bf16 math
+    (``amx_bf16``, ``avx512_bf16``; without them bf16 is emulated and ``bf16-mixed`` training
+    is slower than fp32). ``bf16_flags`` is None when ``cpuinfo`` cannot be read (not Linux)."""
+    facts: dict[str, Any] = {"model": platform.processor() or None,
+                             "torch_capability": torch.backends.cpu.get_cpu_capability(),
+                             "bf16_flags": None}
+    try:
+        text = open(cpuinfo, encoding="utf-8", errors="replace").read()
+    except OSError as exc:
+        facts["reason"] = f"{cpuinfo}: {exc.strerror}"
+        return facts
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+            facts["model"] = value.strip()
+        elif key.strip() == "flags":
+            flags.update(value.split())
+    facts["bf16_flags"] = [f for f in CPU_BF16_FLAGS if f in flags]
+    return facts
+
+
 def _parallel_backend() -> str:
     info = torch.__config__.parallel_info()
     lines = [line for line in info.splitlines() if line.startswith("ATen parallel backend")]
@@ -112,6 +138,7 @@ def collect_environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": f"{platform.system()} {platform.machine()}",
         "torch": torch_facts(),
+        "cpu": cpu_facts(),
         "gpus": gpu_facts(),
         "compiler": compiler_facts(),
         "cuda_toolkit": cuda_toolkit_facts(),

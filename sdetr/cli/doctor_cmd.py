@@ -68,6 +68,17 @@ def notes(facts: dict[str, Any]) -> list[str]:
     return out
 
 
+def cpu_line(cpu: dict[str, Any]) -> str:
+    """CPU model, torch's kernel level and whether bf16 math is native (for ``bf16-mixed``)."""
+    head = f"{cpu['model'] or 'unknown model'}, torch CPU kernels {cpu['torch_capability']}"
+    if cpu["bf16_flags"] is None:
+        return f"{head}; native bf16 unknown ({cpu.get('reason', 'no cpuinfo')})"
+    if cpu["bf16_flags"]:
+        return (f"{head}; native bf16 ({', '.join(cpu['bf16_flags'])}): "
+                "train.precision=bf16-mixed is the fast CPU setting")
+    return f"{head}; no native bf16: keep train.precision=fp32 on this CPU"
+
+
 def format_report(facts: dict[str, Any]) -> str:
     torch_info, cc, cuda = facts["torch"], facts["compiler"], facts["cuda_toolkit"]
     gpus = "; ".join(f"{g['name']} (sm {g['capability']}, {g['memory_gib']} GiB)" for g in facts["gpus"])
@@ -76,6 +87,7 @@ def format_report(facts: dict[str, Any]) -> str:
         ("torch", (f"{torch_info['version']} (CUDA build: {torch_info['cuda_build'] or 'none'}), "
                    f"{torch_info['threads']} threads of {torch_info['cpu_count']} CPUs, "
                    f"{torch_info['parallel_backend']}")),
+        ("CPU", cpu_line(facts["cpu"])),
         ("GPU", gpus or "none visible (torch.cuda.is_available() is False)"),
         ("C++ compiler", f"{cc['cxx']}: {cc['version']}" if cc["cxx"] else f"none ({cc['reason']})"),
         ("CUDA toolkit", f"{cuda['cuda_home']}: {cuda['nvcc_version']}" if cuda["cuda_home"]

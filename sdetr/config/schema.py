@@ -23,7 +23,7 @@ TokenSelection = Literal["dam", "objectness", "random"]
 AttentionKind = Literal["deformable", "key_aware"]
 LiteVariant = Literal["paper", "code"]
 KernelBackend = Literal["auto", "reference", "compiled"]
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["fp32", "bf16", "bf16-mixed"]
 ProfileMeasurement = Literal["params", "flops", "fps", "memory"]
 ProfileModules = Literal["full", "inference_only"]
 
@@ -203,8 +203,10 @@ class DataConfig:
 
     ``root`` is a COCO-2017-style folder (``train2017/``, ``val2017/``, ``annotations/``).
     ``synthetic`` makes the run generate (once) the deterministic synthetic dataset there.
-    ``group_by_aspect`` batches training images of one orientation together (less padding;
-    the official code does not, so the paper presets leave it off).
+    ``group_by_aspect`` gives the training images of one step (on all ranks) similar aspect
+    ratios: less padding and less waiting for the slowest rank (see
+    :class:`sdetr.engine.data.AspectBatchSampler`; the official code does not group, so the
+    paper presets leave it off).
     """
 
     root: str = "data/coco"
@@ -245,6 +247,11 @@ class TrainConfig:
     ``micro_batch_size`` the images one worker processes per forward. Gradient accumulation
     makes up the rest: ``batch_size = micro_batch_size × workers × accumulation``, so changing
     the worker count never changes the optimisation.
+
+    ``precision``: ``fp32``; ``bf16`` = DeepSpeed's bf16 mode (bf16 weights, activations and
+    BatchNorm buffers, fp32 master weights in the optimizer); ``bf16-mixed`` = fp32 weights and
+    optimizer, the forward under ``torch.autocast`` to bfloat16 and the loss in fp32 (on a CPU
+    with AMX-BF16 the fastest of the three for the tiny presets; see README).
     """
 
     epochs: int = 50

@@ -92,46 +92,90 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-class AspectGroupedBatchSampler(Sampler[list[int]]):
-    """Batches of ``batch_size`` indices drawn from ``sampler`` in its order, each batch made of
-    images of one orientation (``landscape[i]``: width >= height), so a padded batch wastes
-    less compute on padding (on the synthetic set at micro-batch 2, padding adds 9% to the
-    pixels instead of 18%).
+ASPECT_BINS = 16
 
-    Like detectron2's grouping: an index waits in its orientation's bucket until the bucket
-    holds ``batch_size``. The leftovers at the end of the epoch (fewer than ``batch_size`` per
-    bucket) are batched together in sampler order, so the number of batches is exactly that of
-    plain batching: ``len(sampler) // batch_size`` with ``drop_last``, rounded up without.
-    That keeps every rank at the same number of steps.
+
+class AspectBatchSampler(Sampler[list[int]]):
+    """This rank's micro-batches, such that the micro-batches of ALL ranks at one position (a
+    global batch of ``batch_size × world_size`` images) come from one aspect-ratio bin.
+
+    Padding a batch to its largest image wastes compute, and with data parallelism the rank
+    with the largest batch sets the pace of every step. Grouping the global batch by aspect
+    ratio shrinks both. On the synthetic training set at 2 ranks × 2 images (short side 256),
+    padding plus waiting for the slower rank cost 3% extra pixels with 16 bins (6% with 8),
+    against 19% when each rank only groups by orientation and 32% with plain batching.
+
+    Every rank draws the same global order from (``seed``, epoch) — a permutation when
+    ``shuffle``, else dataset order — sends each index to its bin (``bins`` quantile bins of
+    log(width / height) over the dataset) and emits a global batch whenever a bin holds
+    ``batch_size × world_size`` indices (detectron2's grouping, made global). Leftovers at the
+    end are cut into global batches in order; the last incomplete one is dropped with
+    ``drop_last``, otherwise padded with indices from the start of the order to a multiple of
+    ``world_size`` and split evenly. So every rank gets the same number of batches as plain
+    distributed batching: ``n // (batch_size × world_size)`` with ``drop_last``, rounded up
+    without. Call :meth:`set_epoch` before each epoch.
     """
 
-    def __init__(self, sampler: Sampler[int], landscape: Sequence[bool], batch_size: int,
-                 drop_last: bool) -> None:
-        self.sampler, self.landscape = sampler, list(landscape)
-        self.batch_size, self.drop_last = batch_size, drop_last
+    def __init__(self, aspect_ratios: Sequence[float], batch_size: int, *, rank: int,
+                 world_size: int, shuffle: bool, seed: int, drop_last: bool,
+                 bins: int = ASPECT_BINS) -> None:
+        if not aspect_ratios or min(aspect_ratios) <= 0:
+            raise ValueError("aspect_ratios must be positive, one per dataset item")
+        if min(batch_size, world_size, bins) < 1:
+            raise ValueError(f"batch_size, world_size and bins must be >= 1, got {batch_size}, "
+                             f"{world_size}, {bins}")
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.epoch = 0
+        logs = np.log(np.asarray(aspect_ratios, dtype=np.float64))
+        edges = np.quantile(logs, np.linspace(0.0, 1.0, bins + 1)[1:-1])
+        self.bin_of = np.searchsorted(edges, logs, side="right").tolist()
+        self.bins = bins
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> list[int]:
+        n = len(self.bin_of)
+        if not self.shuffle:
+            return list(range(n))
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(n, generator=generator).tolist()
+
+    def global_batches(self) -> list[list[int]]:
+        """The epoch's global batches (identical on every rank), in emission order."""
+        size, order = self.batch_size * self.world_size, self._order()
+        buckets: list[list[tuple[int, int]]] = [[] for _ in range(self.bins)]
+        out: list[list[int]] = []
+        for position, index in enumerate(order):
+            bucket = buckets[self.bin_of[index]]
+            bucket.append((position, index))
+            if len(bucket) == size:
+                out.append([i for _, i in bucket])
+                bucket.clear()
+        leftovers = [i for _, i in sorted(sum(buckets, []))]
+        for start in range(0, len(leftovers), size):
+            chunk = leftovers[start:start + size]
+            if len(chunk) == size:
+                out.append(chunk)
+            elif not self.drop_last:
+                pad = -len(chunk) % self.world_size
+                out.append(chunk + (order * (pad // len(order) + 1))[:pad])
+        return out
 
     def __iter__(self) -> Iterator[list[int]]:
-        buckets: dict[bool, list[tuple[int, int]]] = {True: [], False: []}
-        for position, index in enumerate(self.sampler):
-            bucket = buckets[self.landscape[index]]
-            bucket.append((position, index))
-            if len(bucket) == self.batch_size:
-                yield [i for _, i in bucket]
-                bucket.clear()
-        leftovers = [i for _, i in sorted(buckets[True] + buckets[False])]
-        for start in range(0, len(leftovers), self.batch_size):
-            batch = leftovers[start:start + self.batch_size]
-            if len(batch) == self.batch_size or not self.drop_last:
-                yield batch
+        for batch in self.global_batches():
+            share = len(batch) // self.world_size
+            yield batch[self.rank * share:(self.rank + 1) * share]
 
     def __len__(self) -> int:
-        n = len(self.sampler)  # type: ignore[arg-type]
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        n, size = len(self.bin_of), self.batch_size * self.world_size
+        return n // size if self.drop_last else -(-n // size)
 
 
 def build_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int,
                  num_workers: int, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = False, landscape: Sequence[bool] | None = None
+                 drop_last: bool = False, aspect_ratios: Sequence[float] | None = None
                  ) -> DataLoader:
     """A DataLoader of padded :class:`~sdetr.data.DetectionBatch` es.
 
@@ -143,9 +187,9 @@ def build_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int,
     ``drop_last=False`` the sampler repeats a few items so every rank gets as many; use a
     one-process loader (``world_size=1``) for evaluation.
 
-    ``landscape`` (one bool per dataset item, see :func:`landscape_flags`) groups each batch
-    by image orientation with :class:`AspectGroupedBatchSampler`; ``None`` batches in
-    sampler order.
+    ``aspect_ratios`` (width / height per dataset item, see :func:`aspect_ratios`) samples
+    with :class:`AspectBatchSampler` instead: the batches of all ranks at one step share an
+    aspect-ratio bin (same count of batches, same epoch seeding).
 
     Augmentation randomness: workers are seeded from a generator seeded with ``seed + rank``
     (different per rank, reproducible); with ``num_workers=0`` the transforms draw from the
@@ -157,30 +201,35 @@ def build_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int,
         raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
-                                 seed=seed, drop_last=drop_last)
     generator = torch.Generator().manual_seed(seed + rank)
     common = dict(num_workers=num_workers, collate_fn=collate_detection,
                   worker_init_fn=seed_worker, generator=generator, persistent_workers=False)
-    if landscape is not None:
-        if len(landscape) != len(dataset):  # type: ignore[arg-type]
-            raise ValueError(f"landscape has {len(landscape)} flags for "
+    if aspect_ratios is not None:
+        if len(aspect_ratios) != len(dataset):  # type: ignore[arg-type]
+            raise ValueError(f"aspect_ratios has {len(aspect_ratios)} values for "
                              f"{len(dataset)} items")  # type: ignore[arg-type]
-        batches = AspectGroupedBatchSampler(sampler, landscape, batch_size, drop_last)
+        batches = AspectBatchSampler(aspect_ratios, batch_size, rank=rank,
+                                     world_size=world_size, shuffle=shuffle, seed=seed,
+                                     drop_last=drop_last)
         return DataLoader(dataset, batch_sampler=batches, **common)
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
+                                 seed=seed, drop_last=drop_last)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                       **common)
 
 
-def landscape_flags(dataset: CocoDetection) -> list[bool]:
-    """Per item of ``dataset``: is the image at least as wide as high (from the annotation
-    file's ``width`` / ``height``, no image is opened)."""
+def aspect_ratios(dataset: CocoDetection) -> list[float]:
+    """Per item of ``dataset``: width / height of the image, from the annotation file (no
+    image is opened)."""
     infos = (dataset.coco.imgs[i] for i in dataset.ids)
-    return [info["width"] >= info["height"] for info in infos]
+    return [info["width"] / info["height"] for info in infos]
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
     """Tell the loader's sampler which epoch starts (reshuffles deterministically)."""
+    if isinstance(loader.batch_sampler, AspectBatchSampler):
+        loader.batch_sampler.set_epoch(epoch)
+        return
     sampler = getattr(loader.batch_sampler, "sampler", None)
     if not isinstance(sampler, DistributedSampler):
         raise TypeError("set_loader_epoch: the loader was not made by build_loader")

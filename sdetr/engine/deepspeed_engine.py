@@ -19,6 +19,7 @@ import os
 from types import ModuleType
 from typing import Any
 
+import torch
 from torch import nn
 from torch.optim import Optimizer
 
@@ -68,6 +69,14 @@ def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
     return config
 
 
+def autocast_dtype(train: TrainConfig) -> torch.dtype | None:
+    """The dtype the forward runs in under ``torch.autocast``, or None for no autocast.
+
+    Only ``bf16-mixed`` autocasts; ``bf16`` holds the model itself in bf16 (DeepSpeed's mode).
+    """
+    return torch.bfloat16 if train.precision == "bf16-mixed" else None
+
+
 def import_deepspeed(use_gpu: bool) -> ModuleType:
     """Import DeepSpeed for the right accelerator and quiet its INFO logging.
 
@@ -103,7 +112,7 @@ def initialize_engine(model: nn.Module, optimizer: Optimizer, config: dict[str, 
     """
     deepspeed = import_deepspeed(use_gpu)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    logger.info("DeepSpeed engine: ZeRO stage %d, bf16 %s, %d micro-batches per step, "
+    logger.info("DeepSpeed engine: ZeRO stage %d, bf16 weights %s, %d micro-batches per step, "
                 "clip %.3g", config["zero_optimization"]["stage"], config["bf16"]["enabled"],
                 config["gradient_accumulation_steps"], config["gradient_clipping"])
     return engine

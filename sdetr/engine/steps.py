@@ -130,10 +130,38 @@ def check_outputs(outputs: Mapping[str, Any], device: torch.device, *, epoch: in
                                  f"{where}")
 
 
+def float_outputs(outputs: Any) -> Any:
+    """``outputs`` (nested dicts/lists of tensors) with every floating tensor in float32.
+
+    Applied to the forward's outputs under autocast, so that the matcher and the loss run in
+    fp32 whatever dtype the last layers produced.
+    """
+    if isinstance(outputs, Tensor):
+        return outputs.float() if outputs.is_floating_point() else outputs
+    if isinstance(outputs, Mapping):
+        return {k: float_outputs(v) for k, v in outputs.items()}
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(float_outputs(v) for v in outputs)
+    return outputs
+
+
+def forward(engine: Any, images: Tensor, masks: Tensor, autocast: torch.dtype | None) -> Any:
+    """The model's outputs for one micro-batch; with ``autocast`` set, the forward runs under
+    ``torch.autocast`` to that dtype and the outputs come back in float32."""
+    if autocast is None:
+        return engine(images, masks)
+    with torch.autocast(images.device.type, dtype=autocast):
+        outputs = engine(images, masks)
+    return float_outputs(outputs)
+
+
 def run_epoch(engine: Any, criterion: Any, loader: Iterable, *, steps: int, accumulation: int,
-              device: torch.device, epoch: int, first_step: int, bar: Progress
-              ) -> dict[str, float]:
+              device: torch.device, epoch: int, first_step: int, bar: Progress,
+              autocast: torch.dtype | None = None) -> dict[str, float]:
     """Train ``steps`` optimizer steps of ``accumulation`` micro-batches each.
+
+    ``autocast``: run each forward under ``torch.autocast`` to this dtype (``bf16-mixed``);
+    the loss and the weights stay in fp32.
 
     Returns the epoch means (over micro-batches and workers) of ``"loss"`` (the weighted total)
     and of every scalar in the criterion's loss dict. ``epoch`` (1-based) and ``first_step``
@@ -149,7 +177,7 @@ def run_epoch(engine: Any, criterion: Any, loader: Iterable, *, steps: int, accu
         for step in range(steps):
             for _ in range(accumulation):
                 images, masks, targets = to_device(next(batches), device, dtype)
-                outputs = engine(images, masks)
+                outputs = forward(engine, images, masks, autocast)
                 check_outputs(outputs, device, epoch=epoch, step=first_step + step + 1)
                 losses = criterion(outputs, targets)
                 total = criterion.total_loss(losses)

@@ -28,8 +28,8 @@ import torch
 
 from sdetr.config import ConfigError, ExperimentConfig, config_from_dict, flatten
 from sdetr.engine import checkpoints as ckpt
-from sdetr.engine.data import build_dataset, build_loader, landscape_flags, set_loader_epoch
-from sdetr.engine.deepspeed_engine import deepspeed_config, initialize_engine
+from sdetr.engine.data import aspect_ratios, build_dataset, build_loader, set_loader_epoch
+from sdetr.engine.deepspeed_engine import autocast_dtype, deepspeed_config, initialize_engine
 from sdetr.engine.distributed import (DistContext, current_context, one_line, run_on_main,
                                       seed_everything)
 from sdetr.engine.evaluate import evaluate, evaluate_rho_sweep, metrics_for_logging
@@ -114,7 +114,7 @@ class Trainer:
             dataset, train.micro_batch_size, shuffle=True,
             seed=train.seed, num_workers=cfg.data.num_workers, rank=ctx.rank,
             world_size=ctx.world_size, drop_last=True,
-            landscape=landscape_flags(dataset) if cfg.data.group_by_aspect else None)
+            aspect_ratios=aspect_ratios(dataset) if cfg.data.group_by_aspect else None)
         self.steps_per_epoch = len(self.train_loader) // self.accumulation
         if self.steps_per_epoch < 1:
             raise ValueError(f"the training set is too small for one step of train.batch_size="
@@ -198,7 +198,8 @@ class Trainer:
         losses = run_epoch(self.engine, self.criterion, self.train_loader,
                            steps=self.steps_per_epoch, accumulation=self.accumulation,
                            device=self.ctx.device, epoch=epoch + 1,
-                           first_step=self.state.global_step, bar=bar)
+                           first_step=self.state.global_step, bar=bar,
+                           autocast=autocast_dtype(self.cfg.train))
         seconds = time.perf_counter() - start
         self.scheduler.step()
         self.state.epoch = epoch + 1
