@@ -312,6 +312,24 @@ def test_find_latest_ignores_partial_and_stale_pointer(tmp_path):
 
 
 # --------------------------------------------------------------------------- Ray (slow)
+def test_ray_setup_hook_imports_no_torch_and_drops_only_the_cleaner_noise(caplog):
+    # The hook runs before Ray sets OMP_NUM_THREADS: a torch imported there would oversubscribe.
+    code = ("import sys; from sdetr.utils import ray_hooks; ray_hooks.quiet_ray_internals(); "
+            "print('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True,
+                          text=True, timeout=60, check=True)
+    assert proc.stdout.strip() == "False"
+    import logging
+    from sdetr.utils import ray_hooks
+    ray_hooks.quiet_ray_internals()
+    cleaner = logging.getLogger(ray_hooks.PG_CLEANER_LOGGER)
+    with caplog.at_level(logging.WARNING, logger=ray_hooks.PG_CLEANER_LOGGER):
+        cleaner.warning(ray_hooks.PG_CLEANER_NOISE + ". State API may be unavailable.")
+        cleaner.warning("Detected that the Ray Train controller actor is dead.")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Detected that the Ray Train controller actor is dead."]
+
+
 @pytest.mark.slow
 def test_two_ray_workers_match_one_worker_at_the_same_total_batch(base_run, tmp_path,
                                                                   data_root):

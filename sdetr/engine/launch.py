@@ -211,10 +211,13 @@ def _run_ray(args: WorkerArgs, workers: int, use_gpu: bool, max_failures: int,
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from sdetr.utils import ray_hooks
+
     started = not ray.is_initialized()
     if started:  # $RAY_ADDRESS joins an existing cluster; otherwise always a fresh local one
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
-                 configure_logging=False)
+                 configure_logging=False,
+                 runtime_env={"worker_process_setup_hook": ray_hooks.HOOK})
     try:
         trainer = TorchTrainer(
             train_worker, train_loop_config=dataclasses.asdict(args),
