@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+from itertools import chain, cycle, islice
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
@@ -153,14 +154,14 @@ class AspectBatchSampler(Sampler[list[int]]):
             if len(bucket) == size:
                 out.append([i for _, i in bucket])
                 bucket.clear()
-        leftovers = [i for _, i in sorted(sum(buckets, []))]
+        leftovers = [i for _, i in sorted(chain.from_iterable(buckets))]
         for start in range(0, len(leftovers), size):
             chunk = leftovers[start:start + size]
             if len(chunk) == size:
                 out.append(chunk)
             elif not self.drop_last:
                 pad = -len(chunk) % self.world_size
-                out.append(chunk + (order * (pad // len(order) + 1))[:pad])
+                out.append(chunk + list(islice(cycle(order), pad)))
         return out
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -227,10 +228,9 @@ def aspect_ratios(dataset: CocoDetection) -> list[float]:
 
 def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
     """Tell the loader's sampler which epoch starts (reshuffles deterministically)."""
-    if isinstance(loader.batch_sampler, AspectBatchSampler):
-        loader.batch_sampler.set_epoch(epoch)
-        return
-    sampler = getattr(loader.batch_sampler, "sampler", None)
-    if not isinstance(sampler, DistributedSampler):
+    sampler = loader.batch_sampler
+    if not isinstance(sampler, AspectBatchSampler):
+        sampler = loader.sampler
+    if not isinstance(sampler, (AspectBatchSampler, DistributedSampler)):
         raise TypeError("set_loader_epoch: the loader was not made by build_loader")
     sampler.set_epoch(epoch)
