@@ -24,11 +24,12 @@ setup: $(BIN)/sdetr
 kernels: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python setup.py build_ext --inplace
 
+# The main job: the CPU smoke sweep on a local Ray, tracked in sqlite:///mlflow.db.
 demo: setup
-	$(BIN)/sdetr demo
+	$(BIN)/sdetr sweep experiments/smoke.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q
 
 clean-demo:
-	rm -rf data/synth runs mlflow.db mlruns
+	rm -rf data/synth data/smoke runs mlflow.db mlruns

@@ -2,6 +2,7 @@
 
 from sdetr.config.errors import ConfigError
 from sdetr.config.loader import (
+    build_typed,
     config_from_dict,
     flatten,
     load_config,
@@ -25,6 +26,6 @@ from sdetr.config.schema import (
 
 __all__ = [
     "BackboneConfig", "ConfigError", "DataConfig", "EvalConfig", "ExperimentConfig",
-    "LossConfig", "ModelConfig", "ProfileConfig", "TrainConfig", "config_from_dict", "flatten", "load_config",
+    "LossConfig", "ModelConfig", "ProfileConfig", "TrainConfig", "build_typed", "config_from_dict", "flatten", "load_config",
     "parse_override", "preset_names", "preset_path", "to_dict", "to_yaml", "unflatten",
 ]

@@ -11,11 +11,12 @@ combination raises :class:`ConfigError` with a one-line message naming the key.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, Iterable, Literal, Union, get_args, get_origin
+from typing import Any, Iterable, Literal, Mapping, Optional, Union, get_args, get_origin
 
 import yaml
 
@@ -39,12 +40,15 @@ def preset_path(name: str) -> Path:
     return path
 
 
-def load_config(source: str | Path, overrides: Iterable[str] = ()) -> ExperimentConfig:
+def load_config(source: str | Path, overrides: Iterable[str] = (),
+                values: Optional[Mapping[str, Any]] = None) -> ExperimentConfig:
     """Load a preset name or YAML path, apply ``key=value`` overrides, validate.
 
     Args:
         source: a preset name (``deformable_detr_r50``) or a path to a YAML file.
         overrides: dotted ``key=value`` strings, applied after the file.
+        values: dotted keys with already-parsed values (a sweep's grid point), applied after
+            ``overrides``.
     Returns:
         The validated config. ``preset`` records the preset the file derives from.
     """
@@ -52,6 +56,8 @@ def load_config(source: str | Path, overrides: Iterable[str] = ()) -> Experiment
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(raw, key, value)
+    for key, value in (values or {}).items():
+        set_dotted(raw, key, copy.deepcopy(value))
     raw.setdefault("preset", preset)
     return config_from_dict(raw)
 
@@ -203,6 +209,13 @@ def _first_line(exc: Exception) -> str:
 
 # --------------------------------------------------------------------------------------------
 # typed construction
+
+
+def build_typed(cls: type, raw: Any, prefix: str = "") -> Any:
+    """Build the dataclass ``cls`` from a plain mapping, checking every key and type against
+    its annotations (nested dataclasses, lists, Literal, Optional); ``prefix`` (e.g.
+    ``"resources."``) names keys in errors. Raises :class:`ConfigError`."""
+    return _build(cls, raw, prefix)
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:

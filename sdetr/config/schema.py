@@ -252,6 +252,14 @@ class TrainConfig:
     BatchNorm buffers, fp32 master weights in the optimizer); ``bf16-mixed`` = fp32 weights and
     optimizer, the forward under ``torch.autocast`` to bfloat16 and the loss in fp32 (on a CPU
     with AMX-BF16 the fastest of the three for the tiny presets; see README).
+
+    ``deepspeed_config``: optional path to a DeepSpeed JSON file whose settings are merged over
+    the config the engine generates (e.g. ``zero_optimization.overlap_comm``, bucket sizes,
+    ``communication_data_type``); a relative path is resolved against the current working
+    directory. The engine keeps what it owns: the batch keys must be ``"auto"`` or agree with
+    ``batch_size``/``micro_batch_size``/``workers``, ``zero_optimization.stage`` with
+    ``zero_stage``, ``bf16.enabled`` with ``precision``; fp16 and ``optimizer``/``scheduler``
+    sections are refused (see :func:`sdetr.engine.deepspeed_engine.load_deepspeed_json`).
     """
 
     epochs: int = 50
@@ -272,6 +280,7 @@ class TrainConfig:
     output_dir: str = "runs"
     keep_checkpoints: int = 2
     eval_every: int = 1
+    deepspeed_config: Optional[str] = None
 
     def validate(self, prefix: str = "train") -> None:
         _positive(self, prefix, ("epochs", "batch_size", "micro_batch_size", "workers",
@@ -279,6 +288,9 @@ class TrainConfig:
         for key in ("lr", "lr_backbone", "lr_linear_proj_mult"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{prefix}.{key}: must be >= 0")
+        if self.deepspeed_config is not None and not self.deepspeed_config.strip():
+            raise ConfigError(f"{prefix}.deepspeed_config: empty path (leave it unset for the "
+                              "generated DeepSpeed config)")
         if self.zero_stage not in (0, 1, 2):
             raise ConfigError(f"{prefix}.zero_stage: must be 0, 1 or 2, got {self.zero_stage}")
         per_step = self.micro_batch_size * self.workers

@@ -17,7 +17,8 @@ __all__ = [
 # Training (DeepSpeed; Ray Train or one plain process).
 from sdetr.engine.checkpoints import (TrainState, find_latest,  # noqa: E402
                                       load_model_from_run_checkpoint, resolve_weights_file)
-from sdetr.engine.deepspeed_engine import accumulation_steps, deepspeed_config  # noqa: E402
+from sdetr.engine.deepspeed_engine import (accumulation_steps, check_deepspeed_json,  # noqa: E402
+                                           deepspeed_config, load_deepspeed_json)
 from sdetr.engine.launch import TrainResult, run_training  # noqa: E402
 from sdetr.engine.optim import build_optimizer, build_scheduler, param_groups  # noqa: E402
 from sdetr.engine.steps import NonFiniteLossError, TrainingError  # noqa: E402
@@ -25,7 +26,7 @@ from sdetr.engine.train import WorkerArgs, train_worker  # noqa: E402
 
 __all__ += [
     "NonFiniteLossError", "TrainResult", "TrainState", "TrainingError", "WorkerArgs",
-    "accumulation_steps", "build_optimizer", "build_scheduler", "deepspeed_config",
-    "find_latest", "load_model_from_run_checkpoint", "param_groups", "resolve_weights_file",
-    "run_training", "train_worker",
+    "accumulation_steps", "build_optimizer", "build_scheduler", "check_deepspeed_json",
+    "deepspeed_config", "find_latest", "load_deepspeed_json", "load_model_from_run_checkpoint",
+    "param_groups", "resolve_weights_file", "run_training", "train_worker",
 ]

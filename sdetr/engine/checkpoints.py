@@ -57,7 +57,8 @@ class TrainState:
     """Where a run stands after ``epoch`` COMPLETE epochs and ``global_step`` optimizer steps.
 
     ``last_eval``: metrics of the latest evaluation (e.g. {"AP": ...}), ``eval_epoch`` the
-    epoch it was run after (0 = none yet); ``mlflow_run_id``: the run to continue on resume.
+    epoch it was run after (0 = none yet); ``mlflow_run_id``: the run to continue on resume;
+    ``seconds``: wall seconds spent so far by stage ("train", "eval"), summed over resumes.
     """
 
     epoch: int = 0
@@ -67,6 +68,10 @@ class TrainState:
     zero_stage: int = 0
     last_eval: dict[str, float] = field(default_factory=dict)
     eval_epoch: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add_seconds(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
 
 
 @dataclass(frozen=True)

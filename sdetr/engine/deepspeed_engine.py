@@ -10,25 +10,59 @@ pick CUDA) and uses gloo. Its CPU communication backend also JIT-compiles a shar
 all-reduce op (``deepspeed_shm_comm``, 45-90 s the first time) that is only used by
 ``inference_all_reduce`` (tensor-parallel inference), never by training; :func:`import_deepspeed`
 marks that op as unavailable so training never waits for the build.
+
+``train.deepspeed_config`` may name a DeepSpeed JSON file (``orchestration/deepspeed/*.json``)
+whose settings are deep-merged over the generated config: communication tuning such as
+``zero_optimization.overlap_comm``, bucket sizes or ``communication_data_type``. The values the
+engine derives from the run (:data:`ENGINE_OWNED`) stay the engine's: the file may only repeat
+them or say ``"auto"``. :func:`load_deepspeed_json` says why a file cannot be used, in one line
+naming the file and the key; :func:`check_deepspeed_json` runs it on a loaded config so that a
+sweep can refuse an impossible combination before anything starts.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Union
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from sdetr.config import TrainConfig
+from sdetr.config import ExperimentConfig, TrainConfig
+from sdetr.engine.json_config import (config_error, deep_merge, get_path, put_path,
+                                      read_json_object)
 
 logger = logging.getLogger(__name__)
 
 SHM_COMM_OP = "deepspeed_shm_comm"
 _NEVER_PRINT = 10**9
+
+PathLike = Union[str, "os.PathLike[str]"]
+AUTO = "auto"
+
+ENGINE_OWNED: tuple[tuple[str, ...], ...] = (
+    ("train_batch_size",), ("train_micro_batch_size_per_gpu",),
+    ("gradient_accumulation_steps",), ("gradient_clipping",), ("zero_optimization", "stage"),
+    ("bf16", "enabled"), ("zero_allow_untested_optimizer",))
+"""Keys of a DeepSpeed config that the engine derives from the run; a JSON file may give them
+only as ``"auto"`` or as the value the engine would compute."""
+
+_REFUSED_SECTIONS = {
+    "optimizer": "the engine builds its own AdamW with the param groups of train.lr, "
+                 "train.lr_backbone, train.lr_linear_proj_mult and train.weight_decay",
+    "scheduler": "the engine steps its own LR schedule (train.lr_drop)",
+    "bfloat16": "old name of the bf16 section: rename it to bf16",
+}
+_REFUSED_MODES = {
+    "fp16": "fp16 is not supported (the engine does no loss scaling and DeepSpeed has no fp16 "
+            "on CPU): use train.precision=bf16 or bf16-mixed",
+    "amp": "apex AMP is not supported: use train.precision=bf16 or bf16-mixed",
+}
 
 
 def accumulation_steps(batch_size: int, micro_batch_size: int, world_size: int) -> int:
@@ -49,7 +83,26 @@ def accumulation_steps(batch_size: int, micro_batch_size: int, world_size: int) 
 
 
 def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config dict of ``train`` for ``world_size`` data-parallel workers."""
+    """The DeepSpeed config dict of ``train`` for ``world_size`` data-parallel workers.
+
+    With ``train.deepspeed_config`` set, the file (validated by :func:`load_deepspeed_json` for
+    this world size) is deep-merged over the generated dict and its ``"auto"`` values are
+    replaced by the computed ones.
+    """
+    config = _generated_config(train, world_size)
+    if train.deepspeed_config is None:
+        return config
+    extra = load_deepspeed_json(train.deepspeed_config, train, world_size=world_size)
+    merged = deep_merge(config, extra)
+    for path in ENGINE_OWNED:
+        put_path(merged, path, get_path(config, path))
+    logger.info("DeepSpeed config: merged %s (top-level keys %s)", train.deepspeed_config,
+                ", ".join(sorted(extra)) or "none")
+    return merged
+
+
+def _generated_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
+    """The config the engine derives from ``train`` alone."""
     bf16 = train.precision == "bf16"
     config: dict[str, Any] = {
         "train_batch_size": train.batch_size,
@@ -67,6 +120,95 @@ def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
     if bf16:  # DeepSpeed casts only the parameters by default; BatchNorm needs its buffers too
         config["data_types"] = {"buffer_dtype": "bf16"}
     return config
+
+
+def load_deepspeed_json(path: PathLike, train: TrainConfig,
+                        world_size: int | None = None) -> dict[str, Any]:
+    """Read the DeepSpeed JSON file ``path`` and check that it fits the run ``train``.
+
+    A relative ``path`` is resolved against the current working directory. ``world_size``
+    (default ``train.workers``) sets the gradient accumulation the batch keys must agree with.
+
+    Returns:
+        The file's top-level object, unchanged (``"auto"`` values included).
+    Raises:
+        ConfigError: one line naming the file and the key, for a missing or unreadable file,
+            malformed JSON or a duplicate key, a top level that is not an object, an engine-owned
+            key (:data:`ENGINE_OWNED`) that is neither ``"auto"`` nor the engine's value,
+            ``"auto"`` anywhere else, an ``optimizer``/``scheduler``/``bfloat16`` section, or
+            fp16/amp enabled.
+    """
+    name = str(path)
+    raw = read_json_object(Path(path), name, "train.deepspeed_config")
+    world = train.workers if world_size is None else world_size
+    expected = _generated_config(train, world)
+    for section, why in _REFUSED_SECTIONS.items():
+        if section in raw:
+            raise config_error(name, section, f"section not allowed: {why}")
+    for section, why in _REFUSED_MODES.items():
+        if _section(raw, section, name).get("enabled", False) is not False:
+            raise config_error(name, f"{section}.enabled", f"must be false or absent: {why}")
+    for key in ("zero_optimization", "bf16"):
+        _section(raw, key, name)
+    for path_ in ENGINE_OWNED:
+        value = get_path(raw, path_)
+        want = get_path(expected, path_)
+        if value is not None and value != AUTO and not _same(value, want):
+            raise config_error(name, ".".join(path_), f"{json.dumps(value)} disagrees with the "
+                               f"run's {json.dumps(want)} ({_owner_hint(path_, train, world)}); "
+                               "set it to \"auto\" or leave it out")
+    _refuse_other_autos(raw, name, ())
+    return raw
+
+
+def check_deepspeed_json(cfg: ExperimentConfig) -> None:
+    """Validate ``cfg.train.deepspeed_config`` against ``cfg`` (for ``train.workers`` workers);
+    a no-op when it is unset. Raises :class:`ConfigError` like :func:`load_deepspeed_json`."""
+    if cfg.train.deepspeed_config is not None:
+        load_deepspeed_json(cfg.train.deepspeed_config, cfg.train)
+
+
+def _section(raw: dict[str, Any], key: str, name: str) -> dict[str, Any]:
+    """``raw[key]`` ({} if absent); raises ConfigError if it is not an object."""
+    value = raw.get(key, {})
+    if not isinstance(value, dict):
+        raise config_error(name, key, f"must be a JSON object, got {json.dumps(value)}")
+    return value
+
+
+def _same(value: Any, want: Any) -> bool:
+    """Equal values of the same kind (``true`` is not ``1``; ``1`` is ``1.0``)."""
+    if isinstance(value, bool) or isinstance(want, bool):
+        return value is want
+    if isinstance(value, (int, float)) and isinstance(want, (int, float)):
+        return value == want
+    return False
+
+
+def _owner_hint(path: tuple[str, ...], train: TrainConfig, world: int) -> str:
+    """Where the engine's value of the owned key ``path`` comes from, for messages."""
+    if path[0] in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                   "gradient_accumulation_steps"):
+        return (f"the engine owns the batch: train.batch_size {train.batch_size} = "
+                f"train.micro_batch_size {train.micro_batch_size} × {world} workers × "
+                f"{train.batch_size // (train.micro_batch_size * world)} accumulation steps")
+    return {"gradient_clipping": "from train.clip_max_norm",
+            "zero_optimization": "from train.zero_stage",
+            "bf16": f"from train.precision={train.precision!r}; DeepSpeed's bf16 mode is "
+                    "precision=bf16",
+            "zero_allow_untested_optimizer": "ZeRO must accept the engine's torch AdamW",
+            }[path[0]]
+
+
+def _refuse_other_autos(value: Any, name: str, path: tuple[str, ...]) -> None:
+    """Raise ConfigError for an ``"auto"`` outside :data:`ENGINE_OWNED` (DeepSpeed cannot
+    parse it and the engine does not fill it in)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_other_autos(item, name, (*path, key))
+    elif value == AUTO and path not in ENGINE_OWNED:
+        owned = ", ".join(".".join(p) for p in ENGINE_OWNED)
+        raise config_error(name, ".".join(path), f"\"auto\" is only filled in for {owned}")
 
 
 def autocast_dtype(train: TrainConfig) -> torch.dtype | None:

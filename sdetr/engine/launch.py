@@ -25,7 +25,7 @@ import torch
 from sdetr.config import ConfigError, ExperimentConfig, flatten, load_config, to_dict, to_yaml
 from sdetr.engine import checkpoints as ckpt
 from sdetr.engine.data import ensure_dataset
-from sdetr.engine.deepspeed_engine import accumulation_steps
+from sdetr.engine.deepspeed_engine import accumulation_steps, check_deepspeed_json
 from sdetr.engine.train import CONFIG_FILE, RESULT_FILE, WorkerArgs, train_worker
 from sdetr.tracking import DEFAULT_EXPERIMENT, resolve_tracking_uri
 from sdetr.utils.io import atomic_write_text
@@ -72,8 +72,9 @@ def run_training(cfg: ExperimentConfig, *, workers: Optional[int] = None,
                  resume: str = "auto", tracking_uri: Optional[str] = None,
                  use_ray: bool = True, run_dir: Optional[str | Path] = None,
                  experiment: str = DEFAULT_EXPERIMENT, parent_run_id: Optional[str] = None,
-                 track: bool = True, max_failures: int = 0, progress: bool = True
-                 ) -> TrainResult:
+                 track: bool = True, max_failures: int = 0, progress: bool = True,
+                 mlflow_run_id: Optional[str] = None,
+                 resources_per_worker: Optional[dict[str, float]] = None) -> TrainResult:
     """Train ``cfg`` to the end (or resume it) and return the result.
 
     Args:
@@ -86,11 +87,16 @@ def run_training(cfg: ExperimentConfig, *, workers: Optional[int] = None,
         use_ray: False runs in this process (world size 1; debugging, tests).
         max_failures: Ray Train restarts of a failed worker group (each resumes from the
             newest checkpoint).
+        mlflow_run_id: track into this existing MLflow run unless the checkpoint resumed
+            from names one (a sweep's child run).
+        resources_per_worker: Ray resources of one worker, e.g. ``{"CPU": 4, "GPU": 1}``
+            (default: Ray Train's, one CPU or one GPU).
     """
     start = time.perf_counter()
     world = _world_size(cfg, workers, use_ray)
     accumulation_steps(cfg.train.batch_size, cfg.train.micro_batch_size, world)  # fail early
     cfg = _absolute_paths(cfg)
+    check_deepspeed_json(cfg)  # a DeepSpeed file that does not fit fails here, not in a worker
     if resume not in ("auto", "never"):
         resume = str(Path(resume).resolve())
     run_dir = Path(run_dir or default_run_dir(cfg)).resolve()
@@ -106,13 +112,15 @@ def run_training(cfg: ExperimentConfig, *, workers: Optional[int] = None,
     args = WorkerArgs(config=to_dict(cfg), run_dir=str(run_dir),
                       resume="auto" if resume == "never" else resume,
                       tracking_uri=resolve_tracking_uri(tracking_uri), experiment=experiment,
-                      parent_run_id=parent_run_id, track=track, use_gpu=use_gpu,
+                      parent_run_id=parent_run_id, mlflow_run_id=mlflow_run_id,
+                      track=track, use_gpu=use_gpu,
                       under_ray=use_ray, progress=progress, cwd=str(Path.cwd()))
     logger.info("training %s in %s: %d worker(s)%s, %d micro-batch(es) per step", cfg.name,
                 run_dir, world, " on Ray" if use_ray else " in this process",
                 accumulation_steps(cfg.train.batch_size, cfg.train.micro_batch_size, world))
     if use_ray:
-        _run_ray(args, world, use_gpu, max_failures, run_dir)
+        _run_ray(args, ScalingConfigArgs(world, use_gpu, resources_per_worker), max_failures,
+                 run_dir)
     else:
         _run_plain(args)
     result = read_result(run_dir)
@@ -132,11 +140,13 @@ def _world_size(cfg: ExperimentConfig, workers: Optional[int], use_ray: bool) ->
 
 
 def _absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
-    """A copy whose data.root and train.output_dir are absolute (Ray workers have another
-    working directory)."""
+    """A copy whose data.root, train.output_dir and train.deepspeed_config are absolute (Ray
+    workers have another working directory)."""
     out = copy.deepcopy(cfg)
     out.data.root = str(Path(cfg.data.root).resolve())
     out.train.output_dir = str(Path(cfg.train.output_dir).resolve())
+    if cfg.train.deepspeed_config is not None:
+        out.train.deepspeed_config = str(Path(cfg.train.deepspeed_config).resolve())
     return out
 
 
@@ -204,9 +214,18 @@ def _run_plain(args: WorkerArgs) -> None:
     train_worker(dataclasses.asdict(args))
 
 
-def _run_ray(args: WorkerArgs, workers: int, use_gpu: bool, max_failures: int,
+@dataclass
+class ScalingConfigArgs:
+    """The Ray Train ``ScalingConfig`` of a run."""
+
+    workers: int
+    use_gpu: bool
+    resources_per_worker: Optional[dict[str, float]] = None
+
+
+def _run_ray(args: WorkerArgs, scaling: ScalingConfigArgs, max_failures: int,
              run_dir: Path) -> None:
-    """Run the worker function on ``workers`` Ray Train workers; re-raise a worker's error."""
+    """Run the worker function on Ray Train workers; re-raise a worker's error."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -221,8 +240,9 @@ def _run_ray(args: WorkerArgs, workers: int, use_gpu: bool, max_failures: int,
     try:
         trainer = TorchTrainer(
             train_worker, train_loop_config=dataclasses.asdict(args),
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.use_gpu,
+                                         resources_per_worker=scaling.resources_per_worker),
+            torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
             run_config=RunConfig(name=f"train-{int(time.time())}",
                                  storage_path=str(run_dir / "ray"),
                                  failure_config=FailureConfig(max_failures=max_failures)))

@@ -30,11 +30,12 @@ from sdetr.config import ConfigError, ExperimentConfig, config_from_dict, flatte
 from sdetr.engine import checkpoints as ckpt
 from sdetr.engine.data import aspect_ratios, build_dataset, build_loader, set_loader_epoch
 from sdetr.engine.deepspeed_engine import autocast_dtype, deepspeed_config, initialize_engine
-from sdetr.engine.distributed import (DistContext, current_context, one_line, run_on_main,
-                                      seed_everything)
+from sdetr.engine.distributed import (DistContext, all_gather_object, current_context,
+                                      log_to_file, one_line, run_on_main, seed_everything)
 from sdetr.engine.evaluate import evaluate, evaluate_rho_sweep, metrics_for_logging
 from sdetr.engine.optim import build_optimizer, build_scheduler, group_lrs
 from sdetr.engine.profile_stage import run_profile_stage
+from sdetr.engine.progress_file import ProgressFile, ray_node_id
 from sdetr.engine.steps import progress_bar, run_epoch
 from sdetr.models import BuiltModel, build, save_model_weights
 from sdetr.tracking import DEFAULT_EXPERIMENT, Tracker, make_tracker, run_tags
@@ -53,7 +54,9 @@ class WorkerArgs:
     config: ``sdetr.config.to_dict`` of the resolved config; run_dir: absolute run directory;
     resume: "auto" (newest complete checkpoint of run_dir, if any), "never" (ignore them), or
     a checkpoint folder (see ``Trainer._resume``); use_gpu: train on ``cuda:<LOCAL_RANK>``;
-    under_ray: progress as log lines (Ray forwards worker output line by line); cwd: the
+    mlflow_run_id: the MLflow run to track into when the checkpoint names none (a sweep creates
+    its child runs first); under_ray: progress as log lines (Ray forwards worker output line
+    by line); cwd: the
     launcher's working directory, restored in Ray workers (Ray Train starts them in its own
     storage folder; MLflow's SQLite store puts artifacts under the working directory).
     """
@@ -64,6 +67,7 @@ class WorkerArgs:
     tracking_uri: Optional[str] = None
     experiment: str = DEFAULT_EXPERIMENT
     parent_run_id: Optional[str] = None
+    mlflow_run_id: Optional[str] = None
     track: bool = True
     use_gpu: bool = False
     under_ray: bool = False
@@ -79,10 +83,11 @@ def train_worker(config: dict[str, Any]) -> Optional[dict[str, Any]]:
         os.chdir(args.cwd)
     cfg = config_from_dict(args.config)
     ctx = current_context(args.use_gpu)
-    logger.info("rank %d/%d on %s: %d torch threads (OMP_NUM_THREADS=%s)", ctx.rank,
-                ctx.world_size, ctx.device, torch.get_num_threads(),
-                os.environ.get("OMP_NUM_THREADS", "unset"))
-    return Trainer(cfg, args, ctx).run()
+    with log_to_file(Path(args.run_dir) / "logs" / f"rank{ctx.rank}.log"):
+        logger.info("rank %d/%d on %s: %d torch threads (OMP_NUM_THREADS=%s)", ctx.rank,
+                    ctx.world_size, ctx.device, torch.get_num_threads(),
+                    os.environ.get("OMP_NUM_THREADS", "unset"))
+        return Trainer(cfg, args, ctx).run()
 
 
 class Trainer:
@@ -121,18 +126,24 @@ class Trainer:
                              f"{train.batch_size} ({len(self.train_loader.dataset)} images)")
         self.state = ckpt.TrainState(world_size=ctx.world_size, zero_stage=train.zero_stage)
         self.tracker: Tracker = Tracker()
+        self.progress = ProgressFile(self.run_dir, train.epochs, self.steps_per_epoch,
+                                     enabled=ctx.is_main)
         self._val: Any = None
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> Optional[dict[str, Any]]:
         self._resume()
-        run_on_main(self.ctx, self._start_tracking)
+        node_ids = all_gather_object(ray_node_id())
+        run_on_main(self.ctx, lambda: self._start_tracking(node_ids))
         try:
             while self.state.epoch < self.cfg.train.epochs:
                 self._train_epoch()
             if self.state.eval_epoch != self.state.epoch:
                 self._evaluate_and_log()
+            self.progress.phase("profile")
+            start = time.perf_counter()
             profile = run_on_main(self.ctx, self._profile)
+            self.state.add_seconds("profile", time.perf_counter() - start)
             return run_on_main(self.ctx, lambda: self._write_final(profile))
         except BaseException as exc:
             self._fail(exc)
@@ -156,8 +167,8 @@ class Trainer:
         if info.path.parent.resolve() != self.ckpt_dir.resolve():
             self.state.mlflow_run_id = None  # another run's checkpoint: a new MLflow run
 
-    def _start_tracking(self) -> None:
-        resumed = self.state.mlflow_run_id
+    def _start_tracking(self, node_ids: list[str]) -> None:
+        resumed = self.state.mlflow_run_id or self.args.mlflow_run_id
         self.tracker = make_tracker(
             self.ctx.rank, self.args.tracking_uri, self.args.experiment, self.cfg.name,
             run_id=resumed, parent_run_id=None if resumed else self.args.parent_run_id,
@@ -169,11 +180,14 @@ class Trainer:
         tags.update({"sdetr.run_dir": str(self.run_dir),
                      "sdetr.accumulation_steps": str(self.accumulation),
                      "sdetr.torch_threads": str(torch.get_num_threads())})
-        if resumed:
+        if any(node_ids):
+            tags.update({"sdetr.node_id": node_ids[0],
+                         "sdetr.node_ids": ",".join(sorted(set(node_ids)))})
+        if self.state.epoch > 0:
             tags["sdetr.resumed_at_epoch"] = str(self.state.epoch)
         self.tracker.set_tags(tags)
         config_file = self.run_dir / CONFIG_FILE
-        if not resumed and config_file.is_file():
+        if self.state.epoch == 0 and config_file.is_file():
             self.tracker.log_artifact(config_file)
 
     def _fail(self, exc: BaseException) -> None:
@@ -191,9 +205,9 @@ class Trainer:
         seed = (self.cfg.train.seed * 1_000_003 + epoch) * 131 + self.ctx.rank
         self.train_loader.generator.manual_seed(seed)  # augmentation = f(seed, rank, epoch)
         lrs = group_lrs(self.optimizer)
-        bar = progress_bar(self.steps_per_epoch, f"epoch {epoch + 1}/{self.cfg.train.epochs}",
-                           enabled=self.args.progress and self.ctx.is_main,
-                           under_ray=self.args.under_ray)
+        bar = self.progress.epoch_bar(epoch + 1, progress_bar(
+            self.steps_per_epoch, f"epoch {epoch + 1}/{self.cfg.train.epochs}",
+            enabled=self.args.progress and self.ctx.is_main, under_ray=self.args.under_ray))
         start = time.perf_counter()
         losses = run_epoch(self.engine, self.criterion, self.train_loader,
                            steps=self.steps_per_epoch, accumulation=self.accumulation,
@@ -201,6 +215,7 @@ class Trainer:
                            first_step=self.state.global_step, bar=bar,
                            autocast=autocast_dtype(self.cfg.train))
         seconds = time.perf_counter() - start
+        self.state.add_seconds("train", seconds)
         self.scheduler.step()
         self.state.epoch = epoch + 1
         self.state.global_step += self.steps_per_epoch
@@ -225,12 +240,15 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def _evaluate_and_log(self) -> None:
         """Evaluate on rank 0 (one process over the whole val split), log, remember."""
+        start = time.perf_counter()
         metrics = run_on_main(self.ctx, self._evaluate)
+        self.state.add_seconds("eval", time.perf_counter() - start)
         self.state.eval_epoch = self.state.epoch
         if self.ctx.is_main and metrics is not None:
             self.state.last_eval = metrics
 
     def _evaluate(self) -> dict[str, float]:
+        self.progress.phase("eval")
         if self._val is None:
             dataset = build_dataset(self.cfg.data, "val")
             loader = build_loader(dataset, self.cfg.eval.batch_size, shuffle=False,
@@ -289,10 +307,11 @@ class Trainer:
         result = {"status": "FINISHED", "name": self.cfg.name,
                   "mlflow_run_id": self.state.mlflow_run_id, "epochs": self.state.epoch,
                   "global_step": self.state.global_step, "metrics": self.state.last_eval,
-                  "profile": profile or {},
+                  "profile": profile or {}, "seconds": self.state.seconds,
                   "model": str(model_path), "world_size": self.ctx.world_size,
                   "kernel_backend": self.kernel_backend}
         atomic_write_text(self.run_dir / RESULT_FILE, json.dumps(result, indent=2))
+        self.progress.phase("done")
         self.tracker.log_artifact(self.run_dir / RESULT_FILE)
         self.tracker.finish("FINISHED")
         logger.info("run %s finished: %s", self.cfg.name,
