@@ -39,13 +39,13 @@ output_dir: runs
 PRESETS = ["deformable_detr_tiny", "sparse_detr_tiny"]
 
 
-def make_sweep(root: Path, presets=PRESETS, workers: int = 2, concurrent: int = 1
-               ) -> SimpleNamespace:
+def make_sweep(root: Path, presets=PRESETS, workers: int = 2, concurrent: int = 1,
+               extra: str = "") -> SimpleNamespace:
     root.mkdir(parents=True, exist_ok=True)
     db = root / "mlflow.db"
     path = root / "micro.yaml"
     path.write_text(MICRO_SWEEP.format(presets=json.dumps(presets), workers=workers,
-                                       concurrent=concurrent, db=db))
+                                       concurrent=concurrent, db=db) + extra)
     return SimpleNamespace(root=root, path=path, uri=f"sqlite:///{db}",
                            run_dirs=lambda: sorted((root / "runs" / "micro").glob("*_tiny-*")))
 
@@ -219,6 +219,42 @@ def test_worker_killed_mid_run_is_retried_from_its_checkpoint(finished, tmp_path
     reference = children(finished.sweep.uri)[PRESETS[0]]
     assert losses(sweep.uri, run.info.run_id) == pytest.approx(
         losses(finished.sweep.uri, reference.info.run_id), rel=1e-6)
+
+
+def test_a_failing_run_fails_alone_and_the_sweep_says_so(tmp_path):
+    diverging = "include:\n  - {preset: deformable_detr_tiny, train.lr: 1.0e+30}\n"
+    sweep = make_sweep(tmp_path / "failing", presets=PRESETS[:1], extra=diverging)
+    proc = subprocess.run(sweep_cmd(sweep), cwd=sweep.root, env=sweep_env(),
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    kids = children(sweep.uri)
+    ok, bad = kids[PRESETS[0]], kids[f"{PRESETS[0]}-lr1e+30"]
+    assert ok.info.status == "FINISHED" and bad.info.status == "FAILED"
+    assert "non-finite" in bad.data.tags["sdetr.error"]  # the engine ended it FAILED itself
+    _, runs = runs_of(sweep.uri)
+    (parent,) = [r for r in runs if r.data.tags.get("sdetr.sweep.role") == "parent"]
+    assert parent.info.status == "FAILED"
+    assert "failed" in proc.stdout and "non-finite" in proc.stdout
+
+
+def test_sigterm_closes_every_mlflow_run_and_stops_ray(tmp_path):
+    sweep = make_sweep(tmp_path / "sigterm")
+    proc = subprocess.Popen(sweep_cmd(sweep), cwd=sweep.root, env=sweep_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(progress_at_epoch(sweep, 1), 240, "the first run's training", proc)
+        proc.terminate()
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert "Run the same command again to resume" in out
+    statuses = {n: r.info.status for n, r in children(sweep.uri).items()}
+    assert statuses == {PRESETS[0]: "KILLED", PRESETS[1]: "SCHEDULED"}
+    _, runs = runs_of(sweep.uri)
+    assert {r.info.status for r in runs if r.data.tags.get("sdetr.sweep.role")} == {"KILLED"}
+    assert "Traceback" not in out
 
 
 def free_port() -> int:

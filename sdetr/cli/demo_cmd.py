@@ -14,6 +14,7 @@ import signal
 import sys
 from typing import Any
 
+from sdetr.cli.common import add_set_arg, overrides_of
 from sdetr.cli.train_cmd import format_metrics
 
 PREFERRED = ("sparse_detr_tiny", "deformable_detr_tiny")
@@ -33,8 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="synthetic data -> 2-worker DeepSpeed training on Ray -> "
                                     "COCO AP -> MLflow, in a few minutes")
     p.add_argument("--quick", action="store_true", help="~1 minute smoke version (CI)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], nargs="+",
-                   metavar="KEY=VALUE", help="override a config key, e.g. train.epochs=3")
+    add_set_arg(p, "override a config key, e.g. --set train.epochs=3")
     p.add_argument("--workers", type=int, default=2, metavar="N",
                    help="Ray Train workers (default 2)")
     p.add_argument("--tracking-uri", metavar="URI",
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from sdetr.engine.steps import TrainingError
 
     preset = demo_preset()
-    user = [item for group in args.overrides for item in group]
+    user = overrides_of(args)
     cfg = load_config(preset, [*(QUICK if args.quick else DEMO),
                                f"train.workers={args.workers}", *user])
     print(f"sdetr demo: {preset} on {cfg.data.synth_train} synthetic images, "

@@ -6,8 +6,8 @@
 
 Running the same command again after an interruption finishes only what is unfinished;
 ``--force`` trains every run again (new MLflow parent run). The file format:
-:mod:`sdetr.orchestration.spec`. Exit status: 0 all runs finished, 1 a run failed or the sweep
-was interrupted, 2 bad input (nothing started).
+:mod:`sdetr.orchestration.spec`. Exit status: 0 all runs finished, 1 a run failed, 2 bad input
+(nothing started), 130 interrupted (Ctrl-C; SIGTERM exits with 143).
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ import signal
 import sys
 from typing import Any
 
+from sdetr.cli.common import add_set_arg, overrides_of
 from sdetr.config import parse_override
 
 EXIT_RUN_FAILED = 1
+EXIT_INTERRUPTED = 130
 SUMMARY_METRICS = ("AP", "AP50", "APs")
 
 
@@ -38,15 +40,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="train every run again, finished ones included (new MLflow parent)")
     p.add_argument("--max-concurrent", type=int, metavar="N",
                    help="runs at once (default: limits.max_concurrent, else what fits)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], nargs="+",
-                   metavar="KEY=VALUE", help="override a config key of every run, e.g. "
-                                             "data.root=/data/coco")
+    add_set_arg(p, "override a config key of every run, e.g. --set data.root=/data/coco")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of bars")
     p.set_defaults(func=run)
 
 
-def _exit_on_sigterm(signum: int, frame: Any) -> None:
-    sys.exit(128 + signum)  # unwinds through `finally`: MLflow runs closed, Ray shut down
+_SIGNALS: list[int] = []
+
+
+def _interrupt_on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM unwinds like Ctrl-C (MLflow runs closed, Ray shut down); a KeyboardInterrupt,
+    because Ray turns any other exception raised inside its waits into SystemExit(1)."""
+    _SIGNALS.append(signum)
+    raise KeyboardInterrupt
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
-    overrides = dict(parse_override(item) for group in args.overrides for item in group)
+    overrides = dict(parse_override(item) for item in overrides_of(args))
     spec = load_sweep(args.file, overrides)
     plans = expand(spec)
     if args.dry_run:
@@ -63,10 +69,14 @@ def run(args: argparse.Namespace) -> int:
         print(format_dry_run(spec, plans, dry_run_rows(spec, plans, flops=args.flops)))
         return 0
     from sdetr.orchestration.runner import run_sweep
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     try:
         result = run_sweep(spec, plans, address=args.address, force=args.force,
                            max_concurrent=args.max_concurrent, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"\nsdetr: sweep {spec.name} interrupted; its unfinished runs are marked KILLED "
+              f"in MLflow. Run the same command again to resume them.", file=sys.stderr)
+        return 128 + _SIGNALS[-1] if _SIGNALS else EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(format_summary(spec, result))

@@ -88,7 +88,8 @@ class SweepStatus:
         return per_run * left / self.concurrency
 
     def summary_line(self) -> str:
-        eta = self.eta_s()
+        active = self.count("running") + self.count("pending")
+        eta = self.eta_s() if active else None
         return (f"{self.count('done') + self.count('skipped')}/{len(self.runs)} done, "
                 f"{self.count('running')} running, {self.count('failed')} failed, "
                 f"{self.count('pending')} pending"
@@ -155,12 +156,13 @@ class SweepProgress(Callback):
     def _draw(self) -> None:
         from tqdm import tqdm
         if self._overall is None:
-            self._overall = tqdm(total=len(self.status.runs), desc="sweep", unit="run",
-                                 position=0, dynamic_ncols=True, leave=True,
-                                 bar_format="{desc}: {n_fmt}/{total_fmt} runs |{bar}| {postfix}")
+            self._overall = tqdm(total=len(self.status.runs), unit="run", position=0,
+                                 dynamic_ncols=True, leave=True,
+                                 bar_format="{desc} |{bar}| {n_fmt}/{total_fmt} runs")
         finished = self.status.count("done") + self.status.count("skipped")
         self._overall.n = finished
-        self._overall.set_postfix_str(self.status.summary_line(), refresh=False)
+        self._overall.set_description_str(f"sweep: {self.status.summary_line()}",
+                                          refresh=False)
         self._overall.refresh()
         for run in self.status.runs.values():
             if run.state != "running":
@@ -185,6 +187,6 @@ class SweepProgress(Callback):
             self._close_bar(name)
         if self._overall is not None:
             self._overall.n = self.status.count("done") + self.status.count("skipped")
-            self._overall.set_postfix_str(self.status.summary_line())
+            self._overall.set_description_str(f"sweep: {self.status.summary_line()}")
             self._overall.close()
             self._overall = None

@@ -10,9 +10,11 @@ interruption no run is left RUNNING, and the next invocation resumes the rest.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,12 +41,11 @@ class SweepResult:
     tracking_uri: str
     seconds: float
     run_seconds: float = 0.0
-    interrupted: bool = False
     failed: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.failed and not self.interrupted
+        return not self.failed
 
 
 def finished_result(plan: RunPlan) -> Optional[dict[str, Any]]:
@@ -67,22 +68,23 @@ def run_sweep(spec: SweepSpec, plans: list[RunPlan], *, address: Optional[str] =
     todo, runs, done_ids = _split(plans, children, force)
     tracker.reconcile(done_ids, {})  # a RUNNING child from a killed driver: KILLED for now
     run_ids = {plan.name: tracker.child_for(plan, children) for plan in todo}
-    interrupted, failed = False, {}
+    ending, failed = "FINISHED", {}
     try:
         if todo:
             with ray_cluster(address):
                 concurrency = max_concurrent or spec.limits.max_concurrent or fitting_runs(spec, todo)
                 failed = _tune(spec, todo, runs, run_ids, tracker, force=force,
                                concurrency=concurrency, progress=progress)
-    except KeyboardInterrupt:
-        interrupted = True
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM
+        ending = "KILLED"
+        raise
+    except BaseException:
+        ending = "FAILED"
         raise
     finally:
-        done_ids += [rid for plan in todo if finished_result(plan)
-                     for rid in [run_ids[plan.name]]]
+        done_ids += [run_ids[plan.name] for plan in todo if finished_result(plan)]
         tracker.reconcile(done_ids, {run_ids[n]: e for n, e in failed.items()})
-        status = "KILLED" if interrupted else ("FAILED" if failed else "FINISHED")
-        tracker.finish_parent(status)
+        tracker.finish_parent("FAILED" if failed and ending == "FINISHED" else ending)
     for run in runs:
         if run.state == "running":  # Tune ended without an event for it
             run.state = "done" if run.name not in failed else "failed"
@@ -133,7 +135,7 @@ def _tune(spec: SweepSpec, todo: list[RunPlan], runs: list[RunState], run_ids: d
     tuner = tune.Tuner(
         tune.with_resources(run_trial, TRIAL_RESOURCES),
         param_space={"run": tune.grid_search(space)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=True),
         run_config=tune.RunConfig(
             name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(Path(spec.output_dir).resolve() / spec.name / "tune"),
@@ -141,7 +143,8 @@ def _tune(spec: SweepSpec, todo: list[RunPlan], runs: list[RunState], run_ids: d
             callbacks=[callback]))
     logger.info("sweep %s: %d run(s) to train, %d at a time", spec.name, len(todo), concurrency)
     try:
-        grid = tuner.fit()
+        with _console_logs_above_bars(callback.tty):
+            grid = tuner.fit()
     finally:
         callback.close()
     failed: dict[str, str] = {}
@@ -151,6 +154,14 @@ def _tune(spec: SweepSpec, todo: list[RunPlan], runs: list[RunState], run_ids: d
             failed[name] = _error_line(result.error)
             status.runs[name].state, status.runs[name].error = "failed", failed[name]
     return failed
+
+
+def _console_logs_above_bars(bars: bool) -> Any:
+    """While terminal bars are drawn, log lines are printed above them (tqdm.write)."""
+    if not bars:
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    return logging_redirect_tqdm()
 
 
 def _error_line(error: BaseException) -> str:
@@ -187,9 +198,13 @@ class ray_cluster:
 
         from sdetr.utils import ray_hooks
         start = time.perf_counter()
+        on_sigterm = signal.getsignal(signal.SIGTERM)
         ray.init(address=self.address or "local", include_dashboard=False,
                  configure_logging=False, log_to_driver=False,
                  runtime_env={"worker_process_setup_hook": ray_hooks.HOOK})
+        # Ray's core worker installs a crash handler for SIGTERM that aborts the process; keep
+        # ours (sdetr sweep exits through its `finally` blocks: MLflow runs closed, Ray shut down)
+        signal.signal(signal.SIGTERM, on_sigterm)
         logger.info("Ray %s in %.1f s: %s", f"cluster at {self.address}" if self.address
                     else "local cluster started", time.perf_counter() - start,
                     ", ".join(f"{k} {v:g}" for k, v in sorted(ray.cluster_resources().items())
