@@ -78,12 +78,13 @@ def runs_of(uri: str) -> tuple[object, list]:
 
 
 def children(uri: str) -> dict[str, object]:
-    """Child runs by run name; asserts exactly one parent and one child per name."""
+    """Child runs of the sweep's current parent by run name; asserts exactly one current
+    parent and one child per name."""
     _, runs = runs_of(uri)
-    parents = [r for r in runs if r.data.tags.get("sdetr.sweep.role") == "parent"]
+    parents = [r for r in runs if r.data.tags.get("sdetr.sweep.role") == "parent"
+               and "sdetr.sweep.superseded_by" not in r.data.tags]
     assert len(parents) == 1, [r.info.run_name for r in parents]
     kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert len(kids) == len(runs) - 1
     names = [r.info.run_name for r in kids]
     assert len(set(names)) == len(names), names
     return {r.info.run_name: r for r in kids}
@@ -138,6 +139,7 @@ def test_micro_sweep_finishes_every_run_under_one_parent(finished):
     kids = children(sweep.uri)
     assert sorted(kids) == PRESETS
     client, runs = runs_of(sweep.uri)
+    assert len(runs) == 3  # the parent and its two children, nothing else
     (parent,) = [r for r in runs if r.data.tags.get("sdetr.sweep.role") == "parent"]
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["sdetr.sweep.grid_size"] == "2"
@@ -291,3 +293,22 @@ def test_two_node_cluster_runs_land_on_both_nodes(two_node_cluster, tmp_path):
     assert len(nodes) == 2, nodes
     assert all(r.data.tags["sdetr.world_size"] == "1" for r in kids.values())
     assert not ray.is_initialized()
+
+
+def test_force_trains_everything_again_under_a_new_parent(finished):
+    """Last in this file: it adds a parent run to the shared sweep's store."""
+    sweep = finished.sweep
+    old = children(sweep.uri)
+    _, runs = runs_of(sweep.uri)
+    (old_parent,) = [r for r in runs if r.data.tags.get("sdetr.sweep.role") == "parent"]
+    run_sweep(sweep, "--force")
+    new = children(sweep.uri)
+    assert sorted(new) == sorted(old)
+    assert not {r.info.run_id for r in new.values()} & {r.info.run_id for r in old.values()}
+    assert all(r.info.status == "FINISHED" for r in new.values())
+    client, _ = runs_of(sweep.uri)
+    superseded = client.get_run(old_parent.info.run_id).data.tags["sdetr.sweep.superseded_by"]
+    assert superseded == new[PRESETS[0]].data.tags["mlflow.parentRunId"]
+    for name in PRESETS:  # trained from scratch again: the same (deterministic) losses
+        assert losses(sweep.uri, new[name].info.run_id) == pytest.approx(
+            losses(sweep.uri, old[name].info.run_id), rel=1e-6)
