@@ -14,12 +14,12 @@ import sys
 from typing import Optional, Sequence
 
 from sdetr.cli import (checkpoint_cmd, config_cmd, data_cmd, demo_cmd, eval_cmd, models_cmd,
-                       profile_cmd, sweep_cmd, train_cmd)
+                       profile_cmd, report_cmd, sweep_cmd, train_cmd)
 from sdetr.cli import bench_cmd, doctor_cmd
 
 EXIT_BAD_INPUT = 2
 COMMANDS = (models_cmd, config_cmd, profile_cmd, checkpoint_cmd, data_cmd, eval_cmd, train_cmd,
-            sweep_cmd, demo_cmd, doctor_cmd, bench_cmd)
+            sweep_cmd, report_cmd, demo_cmd, doctor_cmd, bench_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
