@@ -164,6 +164,11 @@ def test_micro_sweep_finishes_every_run_under_one_parent(finished):
     assert len(hashes) == 2
     out = finished.proc.stdout
     assert "sweep micro: 2 run(s)" in out and "overhead" in out
+    # the sweep ends with its report, also stored on the parent run
+    table = (sweep.root / "reports" / "micro" / "table1.md").read_text()
+    assert "Deformable DETR" in table and "Sparse DETR" in table
+    artifacts = [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
+    assert "report/table1.md" in artifacts and "report/index.md" in artifacts
 
 
 def test_rerun_skips_finished_runs_and_creates_no_mlflow_run(finished):

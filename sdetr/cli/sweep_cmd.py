@@ -5,7 +5,8 @@
     sdetr sweep experiments/table1.yaml --address auto --set data.root=/shared/coco
 
 Running the same command again after an interruption finishes only what is unfinished;
-``--force`` trains every run again (new MLflow parent run). The file format:
+``--force`` trains every run again (new MLflow parent run). At the end the report of the
+sweep's experiment is written (``sdetr report``; ``--no-report`` skips it). The file format:
 :mod:`sdetr.orchestration.spec`. Exit status: 0 all runs finished, 1 a run failed, 2 bad input
 (nothing started), 130 interrupted (Ctrl-C; SIGTERM exits with 143).
 """
@@ -15,7 +16,8 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 from sdetr.cli.common import add_set_arg, overrides_of
 from sdetr.config import parse_override
@@ -42,6 +44,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="runs at once (default: limits.max_concurrent, else what fits)")
     add_set_arg(p, "override a config key of every run, e.g. --set data.root=/data/coco")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of bars")
+    p.add_argument("--no-report", action="store_true",
+                   help="do not write the report (sdetr report) at the end")
+    p.add_argument("--report-out", metavar="DIR", type=Path,
+                   help="report folder (default reports/<experiment>)")
     p.set_defaults(func=run)
 
 
@@ -80,7 +86,26 @@ def run(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(format_summary(spec, result))
+    if not args.no_report:
+        write_sweep_report(spec.experiment, result, args.report_out)
     return 0 if result.ok else EXIT_RUN_FAILED
+
+
+def write_sweep_report(experiment: str, result: Any, out: Optional[Path]) -> None:
+    """``sdetr report`` of the sweep's experiment, also stored as the parent run's artifacts
+    (``report/``). A sweep whose runs all failed has no report: one line says why."""
+    from mlflow import MlflowClient
+
+    from sdetr.reports import ReportError, build_report
+    try:
+        report = build_report(experiment, result.tracking_uri, out=out)
+    except ReportError as exc:
+        print(f"no report: {' '.join(str(exc).split())}", file=sys.stderr)
+        return
+    client = MlflowClient(tracking_uri=result.tracking_uri)
+    client.log_artifacts(result.parent_run_id, str(report.out), "report")
+    print(f"report: {report.out / 'table1.md'} (and .tex, .csv, index.md; also the parent "
+          f"run's artifacts report/)")
 
 
 def format_summary(spec: Any, result: Any) -> str:
