@@ -163,8 +163,8 @@ def render_index(experiment: str, tracking_uri: str, formats: Sequence[str],
         f"- Generated: {now:%Y-%m-%d %H:%M:%S} UTC", "",
         "## Tables", "", "Table 1 (Sparse DETR paper) beside the published numbers:", "",
         *links, "", *figure_lines, "## Runs", "", *_sweeps_list(selection), "",
-        "Rows of Table 1:", "", *_rows_list(table), "", f"## Runs not placed ({len(not_placed)})", "",
-        _not_placed_table(not_placed), ""])
+        "Rows of Table 1:", "", *_rows_list(table), "",
+        f"## Runs not placed ({len(not_placed)})", "", _not_placed_table(not_placed), ""])
 
 
 def _figures(tracking_uri: str, placed: pd.DataFrame, table: pd.DataFrame) -> FigureSet:

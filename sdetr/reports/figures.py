@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence, Union
 
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
@@ -38,7 +39,7 @@ AP_COLUMN = "metrics.eval/AP"
 CORR_METRIC = "eval/corr_mask_attn_map_dec_all"
 """Sparse DETR's Corr as the engine logs it at each evaluation (``metrics_for_logging`` of the
 model's ``corr_mask_attn_map_dec_all``)."""
-RHO_AP = re.compile(r"^metrics\.eval_rho(?P<rho>[0-9.eE+-]+)/AP$")
+RHO_AP = re.compile(r"^metrics\.eval_rho(?P<rho>\d+(?:\.\d+)?(?:e[+-]?\d+)?)/AP$")
 """Final-epoch AP of a ``eval.rho_sweep`` evaluation at keeping ratio ``rho``."""
 NOT_COMPARED = ("eval.rho_sweep",)
 """Params that do not change a run's ``eval/AP``: runs differing only in them share a point."""
@@ -144,16 +145,16 @@ def _base_label(run: pd.Series, rho: bool = True) -> str:
 
 
 def _labels(bases: Sequence[str], params: Sequence[dict[str, str]]) -> list[str]:
-    """``bases``, with the params that differ between families of one base appended."""
+    """``bases``, with the params that differ between families of one base appended
+    (``model.`` left out of their names)."""
     labels = list(bases)
     for base in set(bases):
         members = [i for i, b in enumerate(bases) if b == base]
-        if len(members) < 2:
-            continue
         keys = sorted({k for i in members for k in params[i]
                        if len({params[j].get(k) for j in members}) > 1})
-        for i in members:
-            labels[i] += " [" + ", ".join(f"{k}={params[i].get(k, '-')}" for k in keys) + "]"
+        for i in members if keys else ():
+            labels[i] += " [" + ", ".join(f"{k.removeprefix('model.')}={params[i].get(k, '-')}"
+                                          for k in keys) + "]"
     return labels
 
 
@@ -162,7 +163,7 @@ def _selects_tokens(placed: pd.DataFrame) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------- drawing helpers
-def _new_figure(title: str, width: float = 7.5, height: float = 4.8) -> tuple[Figure, object]:
+def _new_figure(title: str, width: float = 7.5, height: float = 4.8) -> tuple[Figure, Axes]:
     fig = Figure(figsize=(width, height), layout="constrained")
     ax = fig.add_subplot()
     ax.set_title(title)
@@ -170,7 +171,7 @@ def _new_figure(title: str, width: float = 7.5, height: float = 4.8) -> tuple[Fi
     return fig, ax
 
 
-def _note(ax: object, text: str) -> None:
+def _note(ax: Axes, text: str) -> None:
     ax.text(0.0, -0.13, text, transform=ax.transAxes, fontsize=7, color="0.35", va="top")
 
 
@@ -178,7 +179,7 @@ def _style(i: int) -> dict[str, str]:
     return {"color": COLOURS[i % len(COLOURS)], "marker": MARKERS[i % len(MARKERS)]}
 
 
-def _plot_series(ax: object, xs: Sequence[float], stats: Sequence[tuple[float, float, int]],
+def _plot_series(ax: Axes, xs: Sequence[float], stats: Sequence[tuple[float, float, int]],
                  label: str, **style: object) -> None:
     """A line with markers; error bars (sample std) where n > 1."""
     means = [s[0] for s in stats]
@@ -197,12 +198,19 @@ def encode(fig: Figure, kind: str) -> bytes:
 
 
 # ------------------------------------------------------------------------- 1: AP vs GFLOPs
-def _row_label(row: pd.Series) -> str:
-    label = str(row["method"])
-    if row["topk_bbr"] and label.startswith("Deformable DETR"):
-        label += " + Top-k & BBR"
-    label += f" {_rho_text(row['rho'])}" if pd.notna(row["rho"]) else ""
-    return label + (f" [{row['variant']}]" if row["variant"] else "")
+def _row_labels(rows: pd.DataFrame, placed: pd.DataFrame) -> list[str]:
+    """``<section>: <method> [+ Top-k & BBR] [ρ]`` per Table 1 row, with the params that
+    tell rows of one label apart (short names, :data:`NOT_COMPARED` left out)."""
+    by_id = placed.set_index("run_id")
+    bases, params = [], []
+    for _, row in rows.iterrows():
+        label = f"{row['section']}: {row['method']}"
+        if row["topk_bbr"] and str(row["method"]).startswith("Deformable DETR"):
+            label += " + Top-k & BBR"
+        bases.append(label + (f" {_rho_text(row['rho'])}" if pd.notna(row["rho"]) else ""))
+        first = by_id.loc[str(row["run_ids"]).split(",")[0]]
+        params.append(_compared_params(first))
+    return _labels(bases, params)
 
 
 def _pareto(points: pd.DataFrame) -> pd.DataFrame:
@@ -219,26 +227,37 @@ def ap_vs_gflops(inputs: FigureInputs) -> Drawn:
     rows = inputs.table[inputs.table["AP"].notna() & inputs.table["gflops"].notna()]
     if len(rows) < 2:
         return f"needs >= 2 Table 1 rows with AP and GFLOPs (found {len(rows)})"
-    fig, ax = _new_figure("AP vs GFLOPs per detector (one point per Table 1 row)", 8.5, 5.4)
+    fig = Figure(figsize=(11.5, 5.8), layout="constrained")
+    ax, key = fig.subplots(1, 2, width_ratios=(2.4, 1))
+    ax.set_title("AP vs GFLOPs per detector (one point per Table 1 row)")
+    ax.grid(True, alpha=0.3)
+    labels = dict(zip(rows.index, _row_labels(rows, inputs.placed)))
+    entries = []
     for i, (section, group) in enumerate(rows.groupby("section", sort=False)):
         style = _style(i)
-        ax.errorbar(group["gflops"], group["AP"], yerr=group["AP_std"].fillna(0.0),
-                    linestyle="none", capsize=3, markersize=7, label=section, **style)
-        for offset, (_, row) in enumerate(group.sort_values("gflops").iterrows()):
-            ax.annotate(textwrap.fill(_row_label(row), 28), (row["gflops"], row["AP"]),
-                        xytext=(6, 6 if offset % 2 == 0 else -12), textcoords="offset points",
-                        fontsize=7, color=style["color"])
+        ax.errorbar(group["gflops"], group["AP"], yerr=group["AP_std"], linestyle="none",
+                    capsize=3, markersize=7, label=section, **style)
+        for index, row in group.iterrows():
+            number = len(entries) + 1
+            ax.annotate(str(number), (row["gflops"], row["AP"]), xytext=(5, 3),
+                        textcoords="offset points", fontsize=8, color=style["color"],
+                        fontweight="bold")
+            entries.append(textwrap.fill(f"{number}. {labels[index]} (n={row['n']})", 52,
+                                         subsequent_indent="     "))
+    key.axis("off")
+    key.text(0.0, 1.0, "\n".join(entries), transform=key.transAxes, va="top", fontsize=7.5,
+             linespacing=1.35)
     real = rows[~rows["synthetic"].astype(bool)]
     pool, which = (real, "COCO rows") if len(real) >= 1 else (rows, "synthetic-data rows")
     front = _pareto(pool)
     xs = list(front["gflops"]) + [float(pool["gflops"].max())]
     ys = list(front["AP"]) + [float(front["AP"].iloc[-1])]
     ax.step(xs, ys, where="post", color="black", linestyle="--", linewidth=1,
-            label=f"Pareto front ({which}: max AP for min GFLOPs)", zorder=1)
+            label=f"Pareto front ({which}):\nmax AP for min GFLOPs", zorder=1)
     ax.set_xlabel("Compute (GFLOPs per image)")
     ax.set_ylabel("COCO box AP (%)")
-    ax.margins(x=0.25, y=0.15)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.margins(x=0.12, y=0.12)
+    key.legend(*ax.get_legend_handles_labels(), fontsize=8, loc="lower left")
     _note(ax, ERROR_NOTE)
     return fig
 
@@ -398,10 +417,12 @@ def lite_configurations(inputs: FigureInputs) -> Drawn:
     xs = list(range(len(rows)))
     for j, (key, name) in enumerate(LITE_BARS):
         offsets = [x + (j - (len(LITE_BARS) - 1) / 2) * width for x in xs]
-        ax.bar(offsets, rows[key].fillna(0.0), width, yerr=rows[f"{key}_std"].fillna(0.0),
-               capsize=2, label=name, color=COLOURS[j])
+        errors = rows[f"{key}_std"]
+        ax.bar(offsets, rows[key].fillna(0.0), width, label=name, color=COLOURS[j],
+               yerr=errors if errors.notna().any() else None, capsize=2)
     ax.set_ylabel("COCO box AP (%)")
-    names = [textwrap.fill(f"{r['section']}: {_row_label(r)}", 20) for _, r in rows.iterrows()]
+    names = [textwrap.fill(label, 22, break_on_hyphens=False)
+             for label in _row_labels(rows, inputs.placed)]
     ax.set_xticks(xs, names, fontsize=7)
     ax.grid(False, axis="x")
     compute = ax.twinx()
@@ -412,9 +433,8 @@ def lite_configurations(inputs: FigureInputs) -> Drawn:
             compute.annotate(f"{value:.1f}", (x, value), xytext=(0, 7),
                              textcoords="offset points", ha="center", fontsize=7)
     compute.set_ylabel("Compute (GFLOPs per image)")
-    low, high = rows["gflops"].min(), rows["gflops"].max()
-    if pd.notna(low):
-        compute.set_ylim(0, high * 1.25)
+    if pd.notna(rows["gflops"].max()):
+        compute.set_ylim(0, rows["gflops"].max() * 1.25)
     ax.set_ylim(0, max(float(rows[[k for k, _ in LITE_BARS]].max().max()), 1.0) * 1.3)
     handles = ax.get_legend_handles_labels()
     extra = compute.get_legend_handles_labels()
