@@ -129,8 +129,7 @@ def _tune(spec: SweepSpec, todo: list[RunPlan], runs: list[RunState], run_ids: d
                           experiment=spec.experiment, force=force, retries=spec.limits.retries,
                           cpus_per_worker=res.cpus_per_worker,
                           gpus_per_worker=res.gpus_per_worker) for p in todo]
-    status = SweepStatus([r for r in runs if r.state == "pending"] +
-                         [r for r in runs if r.state != "pending"], concurrency)
+    status = SweepStatus(runs, concurrency)
     callback = SweepProgress(status, enabled=progress)
     tuner = tune.Tuner(
         tune.with_resources(run_trial, TRIAL_RESOURCES),
