@@ -24,6 +24,7 @@ from sdetr.config import ExperimentConfig, to_yaml
 from sdetr.data import synth_main
 from sdetr.engine import checkpoints as ckpt
 from sdetr.engine.launch import run_training
+from sdetr.engine.step_timing import PHASES
 from sdetr.engine.steps import NonFiniteLossError
 from sdetr.models import CheckpointError, build_model
 
@@ -104,6 +105,12 @@ def test_plain_run_trains_checkpoints_evaluates_and_tracks(base_run):
     losses = history(base_run.uri, result.mlflow_run_id, "train/loss")
     assert [s for s, _ in losses] == [1, 2] and all(v > 0 for _, v in losses)
     assert [s for s, _ in history(base_run.uri, result.mlflow_run_id, "eval/AP")] == [1, 2]
+    breakdown = {k: v for k, v in run.data.metrics.items() if k.startswith("time/")}
+    assert {f"time/{p}_s" for p in PHASES} <= set(breakdown)  # the step's breakdown
+    parts = sum(breakdown[f"time/{p}_s"] for p in PHASES)
+    assert breakdown["time/forward_s"] > 0 and breakdown["time/backward_s"] > 0
+    assert parts == pytest.approx(breakdown["time/step_wall_s"], rel=0.1)
+    assert breakdown["time/wait_s"] == 0.0  # one rank: nobody to wait for
     assert run.data.metrics["lr/default"] == pytest.approx(2e-4)
     assert run.data.metrics["lr/linear_proj"] == pytest.approx(2e-5)
     assert run.data.metrics["profile/gflops"] == pytest.approx(profile["flops"]["gflops"])

@@ -270,6 +270,8 @@ def test_fps_and_memory_are_positive_with_protocol():
     protocol = stats["protocol"]
     assert (protocol["device"], protocol["image_size"], protocol["batch_size"]) == ("cpu", [48, 64], 2)
     assert (protocol["iterations"], protocol["warmup"], protocol["precision"]) == (2, 1, "fp32")
+    assert protocol["fold_bn"] is True and "20 Conv2d+BatchNorm pairs folded" in protocol["notes"][0]
+    assert result["memory"]["inference_b2"]["protocol"]["fold_bn"] is False
     assert protocol["kernel_backend"]["ms_deform_attn"] in available_backends("ms_deform_attn")
     for key in ("inference_b2", "train_b2"):
         mem = result["memory"][key]
@@ -330,13 +332,16 @@ def test_cli_profile_json_and_mlflow(capsys, tmp_path):
     assert "profile/mem_train_b1_peak_mb" in run.data.metrics
     assert run.data.params["model.encoder"] == "dense"
     assert run.data.tags["sdetr.profile.fps.b1.iterations"] == "2"
+    assert run.data.tags["sdetr.profile.fps.b1.fold_bn"] == "True"
+    assert run.data.tags["sdetr.profile.flops.fold_bn"] == "False"
     assert run.data.tags["sdetr.preset"] == "deformable_detr_tiny"
     assert (tmp_path / "artifacts").is_dir()
 
 
 def test_cli_bench_models_json(capsys):
     args = ["bench", "models", "sparse_detr_tiny", "deformable_detr_tiny", "--json",
-            "--image-size", "48,64", "--iters", "1", "--warmup", "0", "--kernel-backend", "reference"]
+            "--image-size", "48,64", "--iters", "1", "--warmup", "0", "--kernel-backend", "reference",
+            "--gemm-repeats", "1"]
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["baseline"] == "deformable_detr_tiny"
@@ -349,6 +354,19 @@ def test_cli_bench_models_json(capsys):
     sparse, dense = run["latency"]["sparse_detr_tiny"], run["latency"]["deformable_detr_tiny"]
     assert run["time_ratio"]["sparse_detr_tiny"] == pytest.approx(sparse["median_ms"] / dense["median_ms"])
     assert sparse["cpu_median_ms"] > 0 and sparse["iterations"] == 1
+    assert result["fold_bn"] is True and run["fold_bn"] is True and run["protocol"]["fold_bn"] is True
+    assert result["threads"] == run["protocol"]["threads"] == run["gemm_rate"]["threads"]
+    assert run["bn_folding"]["sparse_detr_tiny"] == {"folded": 20, "unfolded": []}
+    rate = run["gemm_rate"]
+    assert rate["matmul_gmac_per_s"] == max(rate["matmul_by_size"].values()) > 0
+    assert rate["conv_gmac_per_s"] > 0 and rate["floor_rate"] == "matmul"
+    for name, gflops in result["gflops"].items():
+        assert run["floor_ms"][name] == pytest.approx(1e3 * gflops / rate["matmul_gmac_per_s"])
+        assert run["latency_over_floor"][name] == pytest.approx(
+            run["latency"][name]["median_ms"] / run["floor_ms"][name])
+    (realised,) = run["saving_realised"].values()
+    assert realised == pytest.approx((1 - run["time_ratio"]["sparse_detr_tiny"])
+                                     / (1 - result["gflops_ratio"]["sparse_detr_tiny"]))
 
 
 @pytest.mark.parametrize("args, culprit", [

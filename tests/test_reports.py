@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from pathlib import Path
 from typing import Any, Optional
 
 import pandas as pd
@@ -451,10 +452,17 @@ def test_cli_writes_the_asked_formats_and_replaces_a_previous_report(store, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]  # no temporary folders left
 
 
+def _folder_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative POSIX path -> content)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def test_a_failing_report_leaves_the_previous_one_intact(store, tmp_path, monkeypatch):
     out = tmp_path / "rep"
     build_report(EXPERIMENT, store["uri"], out)
-    before = {p.name: p.read_text() for p in out.iterdir()}
+    before = _folder_bytes(out)
+    assert "figures/ap_vs_gflops.png" in before  # the default formats include the figures
 
     def broken(table: pd.DataFrame) -> str:
         raise RuntimeError("disk full")
@@ -462,7 +470,7 @@ def test_a_failing_report_leaves_the_previous_one_intact(store, tmp_path, monkey
     monkeypatch.setattr("sdetr.reports.build.render_csv", broken)
     with pytest.raises(RuntimeError):
         build_report(EXPERIMENT, store["uri"], out)
-    assert {p.name: p.read_text() for p in out.iterdir()} == before
+    assert _folder_bytes(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from sdetr.cli.bench_train_cmd import add_train_parser
 from sdetr.cli.common import print_json
 
 PROBLEMS = {"encoder": ("encoder",), "decoder": ("decoder",), "all": ("encoder", "decoder")}
@@ -18,7 +19,7 @@ def _positive(text: str) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="micro-benchmarks (kernels)")
+    p = sub.add_parser("bench", help="benchmarks (kernels, models, training steps)")
     targets = p.add_subparsers(dest="target", metavar="TARGET", required=True)
     k = targets.add_parser("kernels", help="forward / forward+backward of each ops backend vs the reference")
     k.add_argument("--json", action="store_true", help="print one JSON object")
@@ -31,12 +32,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--no-kda", action="store_true", help="skip the key-aware attention (Lite-DETR) rows")
     k.set_defaults(func=run)
     add_models_parser(targets)
+    add_train_parser(targets)
 
 
 def add_models_parser(targets: argparse._SubParsersAction) -> None:
-    """``sdetr bench models A B [--json]``: end-to-end eval latency of models measured round-robin in
-    one run, next to their GFLOPs ratio (the last model is the baseline; see
-    :mod:`sdetr.profiling.compare`)."""
+    """``sdetr bench models A B [--json] [--no-fold-bn]``: end-to-end eval latency of models measured
+    round-robin in one run, next to their GFLOPs ratio and their floor (GFLOPs / the fp32 GEMM rate
+    measured in the same run); the last model is the baseline (see :mod:`sdetr.profiling.compare`)."""
     m = targets.add_parser("models", help="eval latency of models in one run vs their GFLOPs ratio")
     m.add_argument("models", nargs="+", metavar="PRESET", help="presets or YAML files; the last is the baseline")
     m.add_argument("--json", action="store_true", help="print one JSON object")
@@ -50,6 +52,11 @@ def add_models_parser(targets: argparse._SubParsersAction) -> None:
                    help="training-only modules off (default: as the released code, with Sparse DETR's "
                         "encoder auxiliary heads)")
     m.add_argument("--device", default="cpu", help="cpu | cuda[:N] | auto (cpu)")
+    m.add_argument("--no-fold-bn", action="store_true",
+                   help="time the models as built (default: BatchNorm folded into the convolutions "
+                        "after the GFLOPs count, an inference-only transform; recorded as fold_bn)")
+    m.add_argument("--gemm-repeats", type=_positive, default=5, metavar="N",
+                   help="timed runs of each fp32 GEMM-rate problem (the floors' denominator), median (5)")
     m.set_defaults(func=run_models)
 
 
@@ -69,7 +76,8 @@ def run_models(args: argparse.Namespace) -> int:
     result = compare_presets(args.models, backends=[b.strip() for b in args.kernel_backend.split(",")],
                              image_size=size, iters=args.iters, warmup=args.warmup,
                              device=resolve_device(args.device),
-                             modules="inference_only" if args.inference_only else "full")
+                             modules="inference_only" if args.inference_only else "full",
+                             fold_bn=not args.no_fold_bn, gemm_repeats=args.gemm_repeats)
     if args.json:
         print_json(result)
     else:

@@ -51,6 +51,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-published-check", action="store_true",
                    help="Sparse DETR presets: skip the extra count at the published figures' "
                         "protocol (inference-only, 800x1066)")
+    p.add_argument("--no-fold-bn", action="store_true",
+                   help="time FPS on the model as built (default: on an eval-time copy with BatchNorm "
+                        "folded into the convolutions; recorded as fold_bn)")
     p.add_argument("--batch-sizes", default="1,4", metavar="B,B", help="FPS/memory batch sizes")
     p.add_argument("--iters", type=int, metavar="N", help="timed iterations (300 GPU / 10 CPU)")
     p.add_argument("--warmup", type=int, metavar="W", help="warm-up iterations (5 GPU / 2 CPU)")
@@ -70,7 +73,7 @@ def _options(args: argparse.Namespace, backend: Optional[str]) -> Any:
         modules="inference_only" if args.inference_only else "full",
         batch_sizes=_ints(args.batch_sizes, "--batch-sizes"), iters=args.iters,
         warmup=args.warmup, device=args.device, kernel_backend=backend,
-        match_published=not args.no_published_check)
+        match_published=not args.no_published_check, fold_bn=not args.no_fold_bn)
 
 
 def _parse_what(text: str) -> list[str]:
@@ -134,6 +137,7 @@ def _print_text(result: dict[str, Any]) -> None:
         print(f"{'uncounted ops':<26} {flops['uncounted'] or 'none'}")
     for key, stats in (result.get("fps") or {}).items():
         print(f"fps_{key:<22} {stats['fps']:.2f}  (median {stats['median_ms']:.1f} ms, "
-              f"{stats['protocol']['device']}, {stats['iterations']} iters)")
+              f"{stats['protocol']['device']}, {stats['iterations']} iters, "
+              f"fold_bn {stats['protocol']['fold_bn']})")
     for key, stats in (result.get("memory") or {}).items():
         print(f"mem_{key:<22} {stats['peak_mb']:.1f} MiB peak (+{stats['increment_mb']:.1f})")

@@ -26,8 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "in the working directory)")
     p.add_argument("--out", metavar="DIR", type=Path,
                    help="output folder (default reports/<experiment>)")
-    p.add_argument("--format", default="md,tex,csv", metavar="LIST",
-                   help="comma-separated subset of md,tex,csv (default: all); index.md always")
+    p.add_argument("--format", default="md,tex,csv,figures", metavar="LIST",
+                   help="comma-separated subset of md,tex,csv,figures (default: all; figures = "
+                        "the ablation figures as PNG and PDF); index.md always")
     p.set_defaults(func=run)
 
 

@@ -216,6 +216,9 @@ def autocast_dtype(train: TrainConfig) -> torch.dtype | None:
 
     Only ``bf16-mixed`` autocasts; ``bf16`` holds the model itself in bf16 (DeepSpeed's mode).
     """
+    if train.precision == "auto":
+        raise ValueError("train.precision 'auto' must be resolved by the launcher "
+                         "(sdetr.engine.precision.resolve_precision) before training")
     return torch.bfloat16 if train.precision == "bf16-mixed" else None
 
 
@@ -250,10 +253,15 @@ def initialize_engine(model: nn.Module, optimizer: Optimizer, config: dict[str, 
     """``deepspeed.initialize`` on ``model`` with our ``optimizer``; returns the engine.
 
     The torch.distributed process group must already exist (Ray Train or
-    :func:`~sdetr.engine.distributed.init_single_process_group`); DeepSpeed reuses it.
+    :func:`~sdetr.engine.distributed.init_single_process_group`); DeepSpeed reuses it. With
+    one rank and ZeRO 0 the gradient all-reduce is switched off (it would change nothing).
     """
     deepspeed = import_deepspeed(use_gpu)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    if torch.distributed.get_world_size() == 1 and config["zero_optimization"]["stage"] == 0:
+        # A one-rank all-reduce only copies the gradients through flat buffers and back
+        # (1.8-2.5% of a _tiny step, measured by `sdetr bench train`); the result is the same.
+        engine.enable_backward_allreduce = False
     logger.info("DeepSpeed engine: ZeRO stage %d, bf16 weights %s, %d micro-batches per step, "
                 "clip %.3g", config["zero_optimization"]["stage"], config["bf16"]["enabled"],
                 config["gradient_accumulation_steps"], config["gradient_clipping"])

@@ -18,7 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -26,6 +26,7 @@ from sdetr.config import ConfigError, ExperimentConfig, flatten, load_config, to
 from sdetr.engine import checkpoints as ckpt
 from sdetr.engine.data import ensure_dataset
 from sdetr.engine.deepspeed_engine import accumulation_steps, check_deepspeed_json
+from sdetr.engine.precision import resolve_precision
 from sdetr.engine.train import CONFIG_FILE, RESULT_FILE, WorkerArgs, train_worker
 from sdetr.tracking import DEFAULT_EXPERIMENT, resolve_tracking_uri
 from sdetr.utils.io import atomic_write_text
@@ -34,8 +35,8 @@ logger = logging.getLogger(__name__)
 
 # Keys that may differ between a run and its resumption (they do not change the optimisation),
 # and whole sections that may (the profiling stage measures, it does not train).
-RESUMABLE_CHANGES = ("train.epochs", "train.workers", "train.eval_every",
-                     "train.keep_checkpoints", "train.output_dir", "data.num_workers",
+RESUMABLE_CHANGES = ("train.epochs", "train.workers", "train.cpus_per_worker",
+                     "train.eval_every", "train.keep_checkpoints", "train.output_dir", "data.num_workers",
                      "model.kernel_backend")
 RESUMABLE_SECTIONS = ("profile.",)
 
@@ -90,12 +91,15 @@ def run_training(cfg: ExperimentConfig, *, workers: Optional[int] = None,
         mlflow_run_id: track into this existing MLflow run unless the checkpoint resumed
             from names one (a sweep's child run).
         resources_per_worker: Ray resources of one worker, e.g. ``{"CPU": 4, "GPU": 1}``
-            (default: Ray Train's, one CPU or one GPU).
+            (default: ``{"CPU": train.cpus_per_worker}`` when set, else Ray Train's, one CPU
+            or one GPU).
     """
     start = time.perf_counter()
     world = _world_size(cfg, workers, use_ray)
     accumulation_steps(cfg.train.batch_size, cfg.train.micro_batch_size, world)  # fail early
-    cfg = _absolute_paths(cfg)
+    use_gpu = cfg.train.use_gpu and torch.cuda.is_available()
+    requested = cfg.train.precision
+    cfg = resolve_precision(absolute_paths(cfg), use_gpu)
     check_deepspeed_json(cfg)  # a DeepSpeed file that does not fit fails here, not in a worker
     if resume not in ("auto", "never"):
         resume = str(Path(resume).resolve())
@@ -105,7 +109,6 @@ def run_training(cfg: ExperimentConfig, *, workers: Optional[int] = None,
         return _result(run_dir, finished, "already_finished", time.perf_counter() - start)
     ensure_dataset(cfg.data)
     atomic_write_text(run_dir / CONFIG_FILE, to_yaml(cfg))
-    use_gpu = cfg.train.use_gpu and torch.cuda.is_available()
     if cfg.train.use_gpu and not use_gpu:
         logger.warning("train.use_gpu is true but CUDA is not available: training on CPU")
     # After the clean-up for "never", a Ray restart of the worker group must resume: "auto".
@@ -114,15 +117,18 @@ def run_training(cfg: ExperimentConfig, *, workers: Optional[int] = None,
                       tracking_uri=resolve_tracking_uri(tracking_uri), experiment=experiment,
                       parent_run_id=parent_run_id, mlflow_run_id=mlflow_run_id,
                       track=track, use_gpu=use_gpu,
-                      under_ray=use_ray, progress=progress, cwd=str(Path.cwd()))
+                      under_ray=use_ray, progress=progress, cwd=str(Path.cwd()),
+                      precision_requested=requested)
     logger.info("training %s in %s: %d worker(s)%s, %d micro-batch(es) per step", cfg.name,
                 run_dir, world, " on Ray" if use_ray else " in this process",
                 accumulation_steps(cfg.train.batch_size, cfg.train.micro_batch_size, world))
+    if resources_per_worker is None and cfg.train.cpus_per_worker is not None:
+        resources_per_worker = {"CPU": cfg.train.cpus_per_worker}
     if use_ray:
-        _run_ray(args, ScalingConfigArgs(world, use_gpu, resources_per_worker), max_failures,
+        run_on_ray(args, ScalingConfigArgs(world, use_gpu, resources_per_worker), max_failures,
                  run_dir)
     else:
-        _run_plain(args)
+        run_in_process(args)
     result = read_result(run_dir)
     if result is None:
         raise RuntimeError(f"training ended without writing {run_dir / RESULT_FILE}")
@@ -139,7 +145,7 @@ def _world_size(cfg: ExperimentConfig, workers: Optional[int], use_ray: bool) ->
     return workers or cfg.train.workers
 
 
-def _absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     """A copy whose data.root, train.output_dir and train.deepspeed_config are absolute (Ray
     workers have another working directory)."""
     out = copy.deepcopy(cfg)
@@ -196,8 +202,10 @@ def _result(run_dir: Path, result: dict[str, Any], status: str, seconds: float) 
                        model_path=Path(model) if model else None, seconds=seconds)
 
 
-def _run_plain(args: WorkerArgs) -> None:
-    """World size 1 in this process, in a one-rank gloo (NCCL on GPU) process group.
+def run_in_process(args: WorkerArgs, worker: Callable[[dict[str, Any]], Any] = train_worker,
+               extra: Optional[dict[str, Any]] = None) -> None:
+    """``worker`` (default :func:`train_worker`) on ``args`` (+ ``extra`` keys) at world size
+    1 in this process, in a one-rank gloo (NCCL on GPU) process group.
 
     The group is created on first use and kept for the life of the process: DeepSpeed caches
     its process groups, so a destroyed and re-created group would break a second run here.
@@ -211,7 +219,7 @@ def _run_plain(args: WorkerArgs) -> None:
     elif dist.get_world_size() != 1 or dist.get_backend() != backend:
         raise RuntimeError(f"this process already has a {dist.get_backend()} process group of "
                            f"{dist.get_world_size()} ranks; a plain run needs one {backend} rank")
-    train_worker(dataclasses.asdict(args))
+    worker({**dataclasses.asdict(args), **(extra or {})})
 
 
 @dataclass
@@ -223,9 +231,11 @@ class ScalingConfigArgs:
     resources_per_worker: Optional[dict[str, float]] = None
 
 
-def _run_ray(args: WorkerArgs, scaling: ScalingConfigArgs, max_failures: int,
-             run_dir: Path) -> None:
-    """Run the worker function on Ray Train workers; re-raise a worker's error."""
+def run_on_ray(args: WorkerArgs, scaling: ScalingConfigArgs, max_failures: int,
+             run_dir: Path, worker: Callable[[dict[str, Any]], Any] = train_worker,
+             extra: Optional[dict[str, Any]] = None) -> None:
+    """Run ``worker`` (default :func:`train_worker`) on ``args`` (+ ``extra`` keys) on Ray
+    Train workers; re-raise a worker's error."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -239,7 +249,7 @@ def _run_ray(args: WorkerArgs, scaling: ScalingConfigArgs, max_failures: int,
                  runtime_env={"worker_process_setup_hook": ray_hooks.HOOK})
     try:
         trainer = TorchTrainer(
-            train_worker, train_loop_config=dataclasses.asdict(args),
+            worker, train_loop_config={**dataclasses.asdict(args), **(extra or {})},
             scaling_config=ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.use_gpu,
                                          resources_per_worker=scaling.resources_per_worker),
             torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),

@@ -69,7 +69,8 @@ def param_groups(model: nn.Module, *, lr: float, lr_backbone: float,
 
 
 def build_optimizer(model: nn.Module, train: TrainConfig) -> AdamW:
-    """AdamW over :func:`param_groups` with the config's (optionally sqrt-scaled) lrs."""
+    """AdamW over :func:`param_groups` with the config's (optionally sqrt-scaled) lrs; its
+    fused kernel with ``train.fused_optimizer``."""
     scale = lr_scale(train.batch_size, train.sqrt_lr_scaling)
     groups = param_groups(model, lr=train.lr * scale, lr_backbone=train.lr_backbone * scale,
                           lr_linear_proj_mult=train.lr_linear_proj_mult,
@@ -77,7 +78,8 @@ def build_optimizer(model: nn.Module, train: TrainConfig) -> AdamW:
     for group in groups:
         logger.info("param group %-11s %4d tensors %10d params lr %.3g", group["name"],
                     len(group["params"]), sum(p.numel() for p in group["params"]), group["lr"])
-    return AdamW(groups, lr=train.lr * scale, weight_decay=train.weight_decay)
+    return AdamW(groups, lr=train.lr * scale, weight_decay=train.weight_decay,
+                 fused=train.fused_optimizer or None)
 
 
 def build_scheduler(optimizer: Optimizer, lr_drop: int) -> StepLR:

@@ -13,12 +13,13 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Iterable, Iterator, Mapping, Protocol
+from typing import Any, Iterable, Iterator, Mapping, Optional, Protocol
 
 import torch
 from torch import Tensor
 
-from sdetr.engine.distributed import all_reduce_mean
+from sdetr.engine.distributed import all_reduce_mean, barrier
+from sdetr.engine.step_timing import StepTimer, loader_cpu_seconds, time_module, timed_reduction
 
 logger = logging.getLogger(__name__)
 
@@ -157,11 +158,13 @@ def forward(engine: Any, images: Tensor, masks: Tensor, autocast: torch.dtype | 
 
 def run_epoch(engine: Any, criterion: Any, loader: Iterable, *, steps: int, accumulation: int,
               device: torch.device, epoch: int, first_step: int, bar: Progress,
-              autocast: torch.dtype | None = None) -> dict[str, float]:
+              autocast: torch.dtype | None = None,
+              timer: Optional[StepTimer] = None) -> dict[str, float]:
     """Train ``steps`` optimizer steps of ``accumulation`` micro-batches each.
 
     ``autocast``: run each forward under ``torch.autocast`` to this dtype (``bf16-mixed``);
-    the loss and the weights stay in fp32.
+    the loss and the weights stay in fp32. ``timer``: where each phase's time goes
+    (:mod:`sdetr.engine.step_timing`; a fresh one when None).
 
     Returns the epoch means (over micro-batches and workers) of ``"loss"`` (the weighted total)
     and of every scalar in the criterion's loss dict. ``epoch`` (1-based) and ``first_step``
@@ -169,31 +172,59 @@ def run_epoch(engine: Any, criterion: Any, loader: Iterable, *, steps: int, accu
     """
     engine.train()
     criterion.train()
+    timer = timer if timer is not None else StepTimer()
     dtype = next(engine.module.parameters()).dtype
     batches: Iterator = iter(loader)
     keys: list[str] = []
     sums: Tensor | None = None
+    remove_hooks = time_module(criterion.matcher, timer, "matcher")
+    timer.cpu_probe = lambda: loader_cpu_seconds(batches)
     try:
-        for step in range(steps):
-            for _ in range(accumulation):
-                images, masks, targets = to_device(next(batches), device, dtype)
-                outputs = forward(engine, images, masks, autocast)
-                check_outputs(outputs, device, epoch=epoch, step=first_step + step + 1)
-                losses = criterion(outputs, targets)
-                total = criterion.total_loss(losses)
-                if not keys:
-                    keys = ["loss", *sorted(k for k, v in losses.items() if v.dim() == 0)]
-                values = torch.stack([total.detach().float()]
-                                     + [losses[k].detach().float() for k in keys[1:]])
-                values = all_reduce_mean(values).cpu()  # NCCL needs device tensors
-                check_finite(values, keys, ["loss", *criterion.weight_dict], epoch=epoch,
-                             step=first_step + step + 1)
-                engine.backward(total)
-                engine.step()
-                sums = values if sums is None else sums + values
-            bar.update(1)
+        with timed_reduction(engine, timer, barrier):
+            for step in range(steps):
+                timer.start_step()
+                for _ in range(accumulation):
+                    values, keys = _micro_batch(engine, criterion, batches, timer, keys,
+                                                device=device, dtype=dtype, autocast=autocast,
+                                                where=(epoch, first_step + step + 1))
+                    sums = values if sums is None else sums + values
+                timer.end_step()
+                bar.update(1)
+        timer.finish()
     finally:
+        remove_hooks()
         bar.close()
     assert sums is not None  # steps >= 1
     means = sums / (steps * accumulation)
     return {k: float(means[i]) for i, k in enumerate(keys)}
+
+
+def _micro_batch(engine: Any, criterion: Any, batches: Iterator, timer: StepTimer,
+                 keys: list[str], *, device: torch.device, dtype: torch.dtype,
+                 autocast: torch.dtype | None, where: tuple[int, int]
+                 ) -> tuple[Tensor, list[str]]:
+    """Forward, loss, backward and (at the accumulation boundary) the optimizer step of one
+    micro-batch; returns its loss terms averaged over workers (CPU tensor, order ``keys``)
+    and ``keys`` (set from the loss dict on the first call). ``where``: (epoch, step)."""
+    epoch, step = where
+    with timer.phase("data"):
+        images, masks, targets = to_device(next(batches), device, dtype)
+    with timer.phase("forward"):
+        outputs = forward(engine, images, masks, autocast)
+    with timer.phase("sync"):
+        check_outputs(outputs, device, epoch=epoch, step=step)
+    with timer.phase("loss"):
+        losses = criterion(outputs, targets)
+        total = criterion.total_loss(losses)
+        if not keys:
+            keys = ["loss", *sorted(k for k, v in losses.items() if v.dim() == 0)]
+        values = torch.stack([total.detach().float()]
+                             + [losses[k].detach().float() for k in keys[1:]])
+    with timer.phase("sync"):
+        values = all_reduce_mean(values).cpu()  # NCCL needs device tensors
+    check_finite(values, keys, ["loss", *criterion.weight_dict], epoch=epoch, step=step)
+    with timer.phase("backward"):
+        engine.backward(total)
+    with timer.phase("optimizer"):
+        engine.step()
+    return values, keys

@@ -9,7 +9,8 @@ checkpoint. After the last epoch rank 0 runs the profiling stage (``cfg.profile`
 
 MLflow metric names: ``train/<loss key>`` (weighted total ``train/loss`` and every term,
 averaged over the epoch and the workers), ``lr/<group>``, ``time/epoch_s``,
-``time/step_s``, ``eval/<AP key>`` and ``eval/seconds`` (also ``eval_rho<r>/...`` for a final
+``time/step_s``, the step's breakdown ``time/<phase>_s`` (seconds per step, mean over the
+workers; phases in :mod:`sdetr.engine.step_timing`), ``eval/<AP key>`` and ``eval/seconds`` (also ``eval_rho<r>/...`` for a final
 rho sweep; see ``sdetr.engine.evaluate.metrics_for_logging``), ``profile/<figure>`` (the
 profiling stage; see ``sdetr.profiling.profile_metrics``); step = complete epochs.
 """
@@ -36,6 +37,7 @@ from sdetr.engine.evaluate import evaluate, evaluate_rho_sweep, metrics_for_logg
 from sdetr.engine.optim import build_optimizer, build_scheduler, group_lrs
 from sdetr.engine.profile_stage import run_profile_stage
 from sdetr.engine.progress_file import ProgressFile, ray_node_id
+from sdetr.engine.step_timing import StepTimer, step_breakdown
 from sdetr.engine.steps import progress_bar, run_epoch
 from sdetr.models import BuiltModel, build, save_model_weights
 from sdetr.tracking import DEFAULT_EXPERIMENT, Tracker, make_tracker, run_tags
@@ -73,6 +75,7 @@ class WorkerArgs:
     under_ray: bool = False
     progress: bool = True
     cwd: Optional[str] = None
+    precision_requested: Optional[str] = None
 
 
 def train_worker(config: dict[str, Any]) -> Optional[dict[str, Any]]:
@@ -185,6 +188,8 @@ class Trainer:
                          "sdetr.node_ids": ",".join(sorted(set(node_ids)))})
         if self.state.epoch > 0:
             tags["sdetr.resumed_at_epoch"] = str(self.state.epoch)
+        if self.args.precision_requested not in (None, self.cfg.train.precision):
+            tags["sdetr.precision_requested"] = str(self.args.precision_requested)
         self.tracker.set_tags(tags)
         config_file = self.run_dir / CONFIG_FILE
         if self.state.epoch == 0 and config_file.is_file():
@@ -209,11 +214,12 @@ class Trainer:
             self.steps_per_epoch, f"epoch {epoch + 1}/{self.cfg.train.epochs}",
             enabled=self.args.progress and self.ctx.is_main, under_ray=self.args.under_ray))
         start = time.perf_counter()
+        timer = StepTimer()
         losses = run_epoch(self.engine, self.criterion, self.train_loader,
                            steps=self.steps_per_epoch, accumulation=self.accumulation,
                            device=self.ctx.device, epoch=epoch + 1,
                            first_step=self.state.global_step, bar=bar,
-                           autocast=autocast_dtype(self.cfg.train))
+                           autocast=autocast_dtype(self.cfg.train), timer=timer)
         seconds = time.perf_counter() - start
         self.state.add_seconds("train", seconds)
         self.scheduler.step()
@@ -222,6 +228,7 @@ class Trainer:
         metrics = {f"train/{k}": v for k, v in losses.items()}
         metrics.update(lrs)
         metrics.update({"time/epoch_s": seconds, "time/step_s": seconds / self.steps_per_epoch})
+        metrics.update(step_breakdown(timer, self.ctx.device))
         logger.info("epoch %d/%d: loss %.4f, %.1f s (%.2f s/step)", epoch + 1,
                     self.cfg.train.epochs, losses["loss"], seconds,
                     seconds / self.steps_per_epoch)

@@ -68,6 +68,9 @@ class Protocol:
         kernel_backend: op name → backend that ran (e.g. {"ms_deform_attn": "compiled"}).
         convention: the counting / timing / memory method in words.
         iterations, warmup: timed and untimed repetitions (timing only).
+        fold_bn: whether the measured model had every Conv2d → BatchNorm pair folded into one
+            conv (an eval-time copy, :func:`sdetr.models.fuse.fold_batch_norm`); None where it
+            does not apply (a training step is never folded).
         torch_version, threads: ``torch.__version__`` and ``torch.get_num_threads()``.
         notes: anything a footnote needs beyond the fields above.
     """
@@ -85,6 +88,7 @@ class Protocol:
     convention: str
     iterations: Optional[int] = None
     warmup: Optional[int] = None
+    fold_bn: Optional[bool] = None
     torch_version: str = field(default_factory=lambda: torch.__version__)
     threads: int = field(default_factory=torch.get_num_threads)
     notes: tuple[str, ...] = ()

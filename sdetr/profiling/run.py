@@ -56,6 +56,9 @@ class ProfileOptions:
     match_published: for a Sparse DETR preset with a published GFLOPs figure, also count the
         protocol that reproduces it (inference-only, one 800×1066 image; one more trace).
     device: "auto", "cpu", "cuda" or "cuda:N". kernel_backend: overrides cfg.model.kernel_backend.
+    fold_bn: time FPS on an eval-time copy with every Conv2d → BatchNorm pair folded into one conv
+        (:func:`sdetr.models.fuse.fold_batch_norm`; recorded as ``fold_bn`` in the FPS protocols).
+        FLOPs and memory always measure the model as built (their protocols say fold_bn False).
     """
 
     image_size: Optional[tuple[int, int]] = None
@@ -72,6 +75,7 @@ class ProfileOptions:
     match_published: bool = True
     device: str = "auto"
     kernel_backend: Optional[str] = None
+    fold_bn: bool = True
     seed: int = 0
 
     def validate(self) -> None:
@@ -153,7 +157,7 @@ def profile_metrics(result: dict[str, Any]) -> dict[str, float]:
 
 _COMMON_FIELDS = ("device", "hardware", "precision", "kernel_backend", "torch_version", "threads")
 _KIND_FIELDS = ("convention",)
-_SECTION_FIELDS = ("input", "image_size", "modules", "iterations", "warmup")
+_SECTION_FIELDS = ("input", "image_size", "modules", "iterations", "warmup", "fold_bn")
 
 
 def _tag_value(value: Any) -> str:
@@ -168,7 +172,7 @@ def profile_tags(result: dict[str, Any]) -> dict[str, str]:
     """Protocols as tags: ``sdetr.profile.<field>`` for what all sections share (device,
     hardware, precision, kernel_backend, torch_version, threads), ``sdetr.profile.<kind>.convention``
     and ``sdetr.profile.<kind>.<section>.<field>`` (input, image_size, modules, iterations,
-    warmup), e.g. ``sdetr.profile.fps.b4.iterations``."""
+    warmup, fold_bn), e.g. ``sdetr.profile.fps.b4.iterations``, ``sdetr.profile.fps.b1.fold_bn``."""
     sections = [("flops", "", result.get("flops"))]
     for kind in ("fps", "memory"):
         sections += [(kind, key, value) for key, value in (result.get(kind) or {}).items()]

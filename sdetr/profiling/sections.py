@@ -13,6 +13,7 @@ from torch import nn
 
 from sdetr.config import ExperimentConfig
 from sdetr.models import BuiltModel
+from sdetr.models.fuse import fold_batch_norm
 from sdetr.ops import resolve_backend
 from sdetr.profiling.flops import count_flops, inference_only_gflops, mean_flop_counts
 from sdetr.profiling.inputs import (ProfileInput, coco_first_image, coco_images, random_input,
@@ -98,7 +99,7 @@ def flops_section(cfg: ExperimentConfig, model: nn.Module, options: Any, device:
                                                                options.seed)
     section["protocol"] = _protocol(
         "flops", label, size, 1, EVAL_MODE, modules, device, backends,
-        FLOPS_CONVENTION, notes=(FLOPS_RULES, *notes))
+        FLOPS_CONVENTION, fold_bn=False, notes=(FLOPS_RULES, *notes))
     return section
 
 
@@ -110,22 +111,34 @@ def _fps_input(options: Any, batch: int) -> ProfileInput:
                         seed=options.seed)
 
 
+def _timed_model(model: nn.Module, fold_bn: bool) -> tuple[nn.Module, tuple[str, ...]]:
+    """``model`` itself, or with ``fold_bn`` an eval-time copy with BatchNorm folded; notes."""
+    if not fold_bn:
+        return model, ()
+    folded, report = fold_batch_norm(model)
+    return folded, (f"fold_bn: timed an eval-time copy with {len(report.folded)} Conv2d+BatchNorm "
+                    f"pairs folded into one conv each ({len(report.unfolded)} BatchNorm left)",)
+
+
 def fps_section(model: nn.Module, options: Any, device: torch.device,
                 backends: dict[str, str]) -> dict[str, Any]:
-    """Latency / FPS per batch size (§10.2), keys ``b1``, ``b4``, ..."""
+    """Latency / FPS per batch size (§10.2), keys ``b1``, ``b4``, ...; with ``options.fold_bn``
+    on a BatchNorm-folded copy of ``model`` (``model`` itself is left untouched)."""
     from sdetr.profiling.speed import measure_fps
     iters = options.iters or DEFAULT_ITERS[device.type]
     warmup = DEFAULT_WARMUP[device.type] if options.warmup is None else options.warmup
     modules = describe_modules(model, options.modules)
     clock = "CUDA events" if device.type == "cuda" else "time.perf_counter"
-    with profiling_modules(model, options.modules):
-        measured = measure_fps(model, lambda b: _fps_input(options, b), list(options.batch_sizes),
+    timed, notes = _timed_model(model, options.fold_bn)
+    with profiling_modules(timed, options.modules):
+        measured = measure_fps(timed, lambda b: _fps_input(options, b), list(options.batch_sizes),
                                iters=iters, warmup=warmup, device=device)
     out = {}
     for batch, (stats, inp) in measured.items():
         out[f"b{batch}"] = {**stats.as_dict(), "protocol": _protocol(
             "fps", inp.label, inp.image_size, batch, EVAL_MODE, modules, device, backends,
-            TIMING.format(clock=clock), iterations=iters, warmup=warmup)}
+            TIMING.format(clock=clock), iterations=iters, warmup=warmup,
+            fold_bn=options.fold_bn, notes=notes)}
     return out
 
 
@@ -142,7 +155,7 @@ def memory_section(cfg: ExperimentConfig, built: BuiltModel, options: Any,
             stats = inference_memory(model, inp, device, warmup=options.memory_warmup)
         out[f"inference_b{batch}"] = {**stats.as_dict(), "protocol": _protocol(
             "memory_inference", inp.label, inp.image_size, batch, EVAL_MODE, modules, device,
-            backends, method(device), warmup=options.memory_warmup)}
+            backends, method(device), warmup=options.memory_warmup, fold_bn=False)}
         targets = synthetic_targets(batch, cfg.model.num_classes, seed=options.seed, device=device)
         with profiling_modules(model, options.modules, train=True):
             stats = train_step_memory(model, criterion, inp, targets, device,
