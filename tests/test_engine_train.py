@@ -102,6 +102,7 @@ def test_plain_run_trains_checkpoints_evaluates_and_tracks(base_run):
     assert run.data.tags["sdetr.world_size"] == "1" and run.data.tags["sdetr.device"] == "cpu"
     assert run.data.tags["sdetr.kernel_backend"] in ("reference", "compiled")
     assert run.data.tags["sdetr.preset"] == PRESET
+    assert run.data.tags["sdetr.eval.fold_bn"] == "true"  # eval ran on a BN-folded copy
     losses = history(base_run.uri, result.mlflow_run_id, "train/loss")
     assert [s for s, _ in losses] == [1, 2] and all(v > 0 for _, v in losses)
     assert [s for s, _ in history(base_run.uri, result.mlflow_run_id, "eval/AP")] == [1, 2]

@@ -21,12 +21,13 @@ PREFERRED = ("sparse_detr_tiny", "deformable_detr_tiny")
 # A few minutes on 2 CPU cores: 240 train / 40 val images, short side 192, 2 epochs.
 DEMO = ["name=demo", "data.root=data/demo", "data.synth_train=240", "data.synth_val=40",
         "data.train_scales=[192]", "data.train_max_size=320", "data.eval_size=192",
-        "data.eval_max_size=320", "train.epochs=2", "train.lr_drop=2", "train.workers=2"]
+        "data.eval_max_size=320", "train.epochs=2", "train.lr_drop=2", "train.workers=2",
+        "train.micro_batch_size=2"]
 # About a minute: 16 / 8 images at ~128 px, one epoch.
 QUICK = ["name=demo_quick", "data.root=data/demo_quick", "data.synth_train=16",
          "data.synth_val=8", "data.train_scales=[128]", "data.train_max_size=192",
          "data.crop_scales=[]", "data.eval_size=128", "data.eval_max_size=192",
-         "data.num_workers=0", "train.epochs=1", "train.workers=2"]
+         "data.num_workers=0", "train.epochs=1", "train.workers=2", "train.micro_batch_size=2"]
 MLFLOW_UI = ".venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
 
 

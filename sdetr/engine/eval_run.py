@@ -31,7 +31,7 @@ from sdetr.config import ExperimentConfig, flatten, to_yaml
 from sdetr.engine.checkpoints import load_model_from_run_checkpoint
 from sdetr.engine.data import build_dataset, build_loader, ensure_dataset
 from sdetr.engine.evaluate import EvalResult, evaluate, evaluate_rho_sweep, metrics_for_logging
-from sdetr.models import CheckpointError, build, load_official_checkpoint
+from sdetr.models import CheckpointError, build, fold_batch_norm, load_official_checkpoint
 from sdetr.tracking import DEFAULT_EXPERIMENT, Tracker, make_tracker, run_tags
 from sdetr.utils.io import atomic_write_text
 
@@ -100,6 +100,8 @@ def run_evaluation(cfg: ExperimentConfig, checkpoint: Path, *, out_dir: Path,
     with tracker:
         _track_start(tracker, cfg, checkpoint, fmt, built.kernel_backend, device)
         model = built.model.to(device)
+        if cfg.eval.fold_bn:  # this model is only evaluated: fold in place
+            model = fold_batch_norm(model, inplace=True)[0]
         postprocess = built.postprocess.to(device)
         out_dir = Path(out_dir)
         if rhos:
@@ -125,7 +127,8 @@ def _track_start(tracker: Tracker, cfg: ExperimentConfig, checkpoint: Path, fmt:
                     device=torch.device(device).type)
     tracker.set_tags({**tags, "sdetr.run_type": "eval",
                       "sdetr.checkpoint": str(Path(checkpoint).resolve()),
-                      "sdetr.checkpoint_format": fmt})
+                      "sdetr.checkpoint_format": fmt,
+                      "sdetr.eval.fold_bn": str(cfg.eval.fold_bn).lower()})
     tracker.log_text(to_yaml(cfg), "config.yaml")
 
 

@@ -39,7 +39,7 @@ from sdetr.engine.profile_stage import run_profile_stage
 from sdetr.engine.progress_file import ProgressFile, ray_node_id
 from sdetr.engine.step_timing import StepTimer, step_breakdown
 from sdetr.engine.steps import progress_bar, run_epoch
-from sdetr.models import BuiltModel, build, save_model_weights
+from sdetr.models import BuiltModel, build, fold_batch_norm, save_model_weights
 from sdetr.tracking import DEFAULT_EXPERIMENT, Tracker, make_tracker, run_tags
 from sdetr.utils.io import atomic_write_text
 
@@ -181,6 +181,7 @@ class Trainer:
         tags = run_tags(self.cfg, kernel_backend=self.kernel_backend,
                         world_size=self.ctx.world_size, device=self.ctx.device.type)
         tags.update({"sdetr.run_dir": str(self.run_dir),
+                     "sdetr.eval.fold_bn": str(self.cfg.eval.fold_bn).lower(),
                      "sdetr.accumulation_steps": str(self.accumulation),
                      "sdetr.torch_threads": str(torch.get_num_threads())})
         if any(node_ids):
@@ -263,7 +264,7 @@ class Trainer:
             self._val = (loader, dataset.coco)
         loader, coco_gt = self._val
         final = self.state.epoch == self.cfg.train.epochs
-        model = self._eval_model()
+        model = self._inference_model()
         out_dir = self.run_dir / "eval"
         result = evaluate(model, self.postprocess, loader, coco_gt, device=self.ctx.device,
                           detections_path=out_dir / "detections_final.json" if final else None,
@@ -291,6 +292,14 @@ class Trainer:
         """A tqdm bar for evaluation, except in Ray workers (their output is forwarded line by
         line, so carriage-return updates would pile up)."""
         return self.args.progress and not self.args.under_ray
+
+    def _inference_model(self) -> torch.nn.Module:
+        """What evaluation runs: :meth:`_eval_model`, with its BatchNorms folded into a copy
+        when ``eval.fold_bn``."""
+        model = self._eval_model()
+        if not self.cfg.eval.fold_bn:
+            return model
+        return fold_batch_norm(model, inplace=model is not self.engine.module)[0]
 
     def _eval_model(self) -> torch.nn.Module:
         """The trained module in fp32 (a float copy when DeepSpeed holds it in bf16)."""
