@@ -100,6 +100,18 @@ def test_precision_auto_follows_native_bf16(monkeypatch, flags, expected):
     assert precision_mod.resolve_precision(fixed, use_gpu=False) is fixed
 
 
+def test_the_runs_cpus_are_split_over_its_workers():
+    from sdetr.engine.launch import worker_resources
+
+    cfg = micro_config("sparse_detr_tiny")
+    assert cfg.train.cpus == 2 and cfg.train.workers == 1  # one worker, both cores
+    assert worker_resources(cfg.train.cpus, 1) == {"CPU": 2.0}
+    assert worker_resources(cfg.train.cpus, 2) == {"CPU": 1.0}  # --workers 2 still fits
+    assert worker_resources(None, 2) is None  # Ray Train's default
+    with pytest.raises(ConfigError, match="train.cpus"):
+        micro_config("sparse_detr_tiny", "train.cpus=0")
+
+
 def test_unresolved_auto_never_reaches_the_engine():
     from sdetr.engine.deepspeed_engine import autocast_dtype
 

@@ -257,8 +257,10 @@ class TrainConfig:
     run, which writes the concrete value into the run's config (emulated bf16 is 10-70x slower
     than fp32 on CPUs without it).
 
-    ``cpus_per_worker``: the Ray CPUs of each worker, which Ray turns into its torch thread
-    count (None: Ray Train's default, 1 CPU; a sweep's ``resources`` win over it).
+    ``cpus``: the Ray CPUs of the whole run, split evenly over its workers (each worker's
+    share is its torch thread count): 2 on a 2-core machine gives one worker 2 threads or two
+    workers 1 each. None: Ray Train's default, 1 CPU per worker. A sweep's ``resources``
+    (``cpus_per_worker``) win over it.
     ``fused_optimizer``: AdamW's fused kernel (``torch.optim.AdamW(fused=True)``: one pass over
     the parameters instead of one per tensor and operation; 13 against 67 ms per step for the
     13M parameters of a ``_tiny`` model on one CPU core), the same update up to rounding.
@@ -284,7 +286,7 @@ class TrainConfig:
     lr_drop: int = 40
     seed: int = 42
     workers: int = 8
-    cpus_per_worker: Optional[float] = None
+    cpus: Optional[float] = None
     use_gpu: bool = True
     zero_stage: int = 0
     precision: Precision = "fp32"
@@ -303,9 +305,8 @@ class TrainConfig:
         if self.deepspeed_config is not None and not self.deepspeed_config.strip():
             raise ConfigError(f"{prefix}.deepspeed_config: empty path (leave it unset for the "
                               "generated DeepSpeed config)")
-        if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
-            raise ConfigError(f"{prefix}.cpus_per_worker: must be > 0, got "
-                              f"{self.cpus_per_worker}")
+        if self.cpus is not None and self.cpus <= 0:
+            raise ConfigError(f"{prefix}.cpus: must be > 0, got {self.cpus}")
         if self.zero_stage not in (0, 1, 2):
             raise ConfigError(f"{prefix}.zero_stage: must be 0, 1 or 2, got {self.zero_stage}")
         per_step = self.micro_batch_size * self.workers

@@ -25,7 +25,8 @@ from sdetr.engine.deepspeed_engine import (accumulation_steps, autocast_dtype,
                                            check_deepspeed_json)
 from sdetr.engine.distributed import all_gather_object, current_context
 from sdetr.engine.precision import resolve_precision
-from sdetr.engine.launch import ScalingConfigArgs, absolute_paths, run_in_process, run_on_ray
+from sdetr.engine.launch import (ScalingConfigArgs, absolute_paths, run_in_process, run_on_ray,
+                                 worker_resources)
 from sdetr.engine.step_timing import StepTimer
 from sdetr.engine.steps import progress_bar, run_epoch
 from sdetr.engine.train import Trainer, WorkerArgs
@@ -79,7 +80,7 @@ def run_train_bench(cfg: ExperimentConfig, *, steps: int, warmup: int,
 
     ``workers``: Ray Train workers (default ``train.workers``; 1 without Ray);
     ``cpus_per_worker``: Ray CPUs of each worker, which sets its torch thread count (default
-    ``train.cpus_per_worker``, else Ray Train's 1).
+    ``train.cpus`` split over the workers, else Ray Train's 1).
     """
     if steps < 1 or warmup < 0:
         raise ConfigError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
@@ -98,8 +99,8 @@ def run_train_bench(cfg: ExperimentConfig, *, steps: int, warmup: int,
         logger.info("bench train %s: %d worker(s)%s, %d + %d steps", cfg.name, world,
                     " on Ray" if use_ray else " in this process", warmup, steps)
         if use_ray:
-            cpus = cpus_per_worker or cfg.train.cpus_per_worker
-            resources = {"CPU": cpus} if cpus else None
+            resources = ({"CPU": cpus_per_worker} if cpus_per_worker
+                         else worker_resources(cfg.train.cpus, world))
             run_on_ray(args, ScalingConfigArgs(world, use_gpu, resources), 0, run_dir,
                      worker=bench_worker, extra=extra)
         else:

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 # Keys that may differ between a run and its resumption (they do not change the optimisation),
 # and whole sections that may (the profiling stage measures, it does not train).
-RESUMABLE_CHANGES = ("train.epochs", "train.workers", "train.cpus_per_worker",
+RESUMABLE_CHANGES = ("train.epochs", "train.workers", "train.cpus",
                      "train.eval_every", "train.keep_checkpoints", "train.output_dir", "data.num_workers",
                      "model.kernel_backend")
 RESUMABLE_SECTIONS = ("profile.",)
@@ -91,8 +91,8 @@ def run_training(cfg: ExperimentConfig, *, workers: Optional[int] = None,
         mlflow_run_id: track into this existing MLflow run unless the checkpoint resumed
             from names one (a sweep's child run).
         resources_per_worker: Ray resources of one worker, e.g. ``{"CPU": 4, "GPU": 1}``
-            (default: ``{"CPU": train.cpus_per_worker}`` when set, else Ray Train's, one CPU
-            or one GPU).
+            (default: ``{"CPU": train.cpus / workers}`` when ``train.cpus`` is set, else Ray
+            Train's, one CPU or one GPU).
     """
     start = time.perf_counter()
     world = _world_size(cfg, workers, use_ray)
@@ -122,8 +122,8 @@ def run_training(cfg: ExperimentConfig, *, workers: Optional[int] = None,
     logger.info("training %s in %s: %d worker(s)%s, %d micro-batch(es) per step", cfg.name,
                 run_dir, world, " on Ray" if use_ray else " in this process",
                 accumulation_steps(cfg.train.batch_size, cfg.train.micro_batch_size, world))
-    if resources_per_worker is None and cfg.train.cpus_per_worker is not None:
-        resources_per_worker = {"CPU": cfg.train.cpus_per_worker}
+    if resources_per_worker is None:
+        resources_per_worker = worker_resources(cfg.train.cpus, world)
     if use_ray:
         run_on_ray(args, ScalingConfigArgs(world, use_gpu, resources_per_worker), max_failures,
                  run_dir)
@@ -143,6 +143,12 @@ def _world_size(cfg: ExperimentConfig, workers: Optional[int], use_ray: bool) ->
             raise ConfigError(f"--workers {workers} needs Ray; without Ray a run is one process")
         return 1
     return workers or cfg.train.workers
+
+
+def worker_resources(cpus: Optional[float], world: int) -> Optional[dict[str, float]]:
+    """``{"CPU": cpus / world}`` (``train.cpus`` split over the workers), or None (Ray Train's
+    default) when ``cpus`` is None."""
+    return None if cpus is None else {"CPU": cpus / world}
 
 
 def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:

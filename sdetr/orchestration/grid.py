@@ -22,7 +22,7 @@ from sdetr.config import ConfigError, ExperimentConfig, load_config, to_dict
 from sdetr.orchestration.spec import SOURCE_KEYS, SweepSpec
 
 IDENTITY_EXCLUDED = ("name", "preset", "train.output_dir", "data.num_workers",
-                     "train.keep_checkpoints", "train.cpus_per_worker")
+                     "train.keep_checkpoints", "train.cpus")
 """Config keys that do not change what a run computes: left out of :func:`config_hash`."""
 HASH_CHARS = 16
 
@@ -135,7 +135,6 @@ def _resource_values(spec: SweepSpec) -> dict[str, Any]:
     if res.deepspeed_config is not None:
         out["train.deepspeed_config"] = res.deepspeed_config
     out["train.use_gpu"] = res.gpus_per_worker > 0
-    out["train.cpus_per_worker"] = res.cpus_per_worker or None  # what the runs really get
     return out
 
 
