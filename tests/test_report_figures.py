@@ -20,7 +20,7 @@ from sdetr.reports import build_report, load_runs  # noqa: E402
 from sdetr.reports.build import parse_formats  # noqa: E402
 from sdetr.reports.figures import (CORR_METRIC, FIGURES, FigureInputs,  # noqa: E402
                                    ap_vs_encoder_depth, ap_vs_gflops, ap_vs_rho,
-                                   corr_over_training, dynamic_rho)
+                                   _families, corr_over_training, dynamic_rho)
 from sdetr.reports.history import metric_history  # noqa: E402
 from sdetr.reports.table1 import build_table, split_runs  # noqa: E402
 from test_reports import COCO, log_run  # noqa: E402
@@ -162,11 +162,22 @@ def test_pngs_are_not_blank(report):
         assert len(colours) > 100, name
 
 
-def test_figures_format_is_opt_in_and_parsed(store, tmp_path):
+def test_figures_are_a_default_format_and_can_be_left_out(store, tmp_path):
     assert parse_formats("md, figures") == ("md", "figures")
+    build_report(ABLATION, store["uri"], tmp_path / "all")
+    assert (tmp_path / "all" / "figures" / "ap_vs_gflops.png").is_file()
     out = tmp_path / "tables"
-    build_report(ABLATION, store["uri"], out)
+    build_report(ABLATION, store["uri"], out, formats=("md", "tex", "csv"))
     assert not (out / "figures").exists() and "## Figures" not in (out / "index.md").read_text()
+
+
+def test_a_family_of_one_run_keeps_its_params(store):
+    """pandas groups by a one-element list with tuple keys: a lone Sparse DETR run (the smoke
+    sweep with one rho finished) must still come out as one family with its params."""
+    placed = inputs_of(ABLATION, store["uri"]).placed
+    sparse = placed[placed["params.model.encoder"] == "sparse"].iloc[:1]
+    ((params, group),) = _families(sparse, ["model.rho"])
+    assert isinstance(params, dict) and params["model.encoder"] == "sparse" and len(group) == 1
 
 
 # ------------------------------------------------------------------------- what is drawn

@@ -131,7 +131,8 @@ def _families(runs: pd.DataFrame, vary: Sequence[str]) -> list[tuple[dict[str, s
         return []
     keys = [json.dumps({k: v for k, v in _compared_params(r).items() if k not in vary},
                        sort_keys=True) for _, r in runs.iterrows()]
-    return [(json.loads(key), group) for key, group in runs.groupby(keys, sort=False)]
+    grouper = pd.Series(keys, index=runs.index)  # a Series: one scalar key per group
+    return [(json.loads(key), group) for key, group in runs.groupby(grouper, sort=False)]
 
 
 def _rho_text(rho: object) -> str:
