@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import micro_config
+from helpers import MICRO, micro_config
 from sdetr.cli import main
-from sdetr.config import ConfigError
+from sdetr.config import ConfigError, load_config
 from sdetr.data import synth_main
 from sdetr.engine import precision as precision_mod
 from sdetr.engine.bench_train import run_train_bench
@@ -44,12 +44,16 @@ def data_root(tmp_path_factory) -> Path:
     return root
 
 
-def bench_config(data_root: Path, *extra: str):
-    return micro_config(
-        "sparse_detr_tiny", f"data.root={data_root}", "data.synth_train=12", "data.synth_val=4",
-        "data.train_scales=[128]", "data.train_max_size=192", "data.num_workers=1",
-        "train.batch_size=2", "train.micro_batch_size=1", "train.workers=1",
-        "train.precision=fp32", *extra)
+def bench_overrides(data_root: Path) -> list[str]:
+    """A micro Sparse DETR on 12 synthetic images at 128 px, batch 2 as 2 micro-batches of 1."""
+    return [*MICRO, f"data.root={data_root}", "data.synth_train=12", "data.synth_val=4",
+            "data.train_scales=[128]", "data.train_max_size=192", "data.num_workers=1",
+            "train.batch_size=2", "train.micro_batch_size=1", "train.workers=1",
+            "train.precision=fp32"]
+
+
+def bench_config(data_root: Path):
+    return load_config("sparse_detr_tiny", bench_overrides(data_root))
 
 
 def test_bench_train_in_one_process_breaks_the_step_down(data_root):
@@ -71,19 +75,12 @@ def test_bench_train_in_one_process_breaks_the_step_down(data_root):
 
 def test_bench_train_cli_prints_the_table_and_refuses_too_many_steps(data_root, capsys):
     args = ["bench", "train", "sparse_detr_tiny", "--no-ray", "--steps", "2", "--warmup", "0",
-            "--no-progress", "--set", *[a for a in bench_config_args(data_root)]]
+            "--no-progress", "--set", *bench_overrides(data_root)]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "components / measured step" in out and "Hungarian matching" in out
     assert main(args[:5] + ["50"] + args[6:]) == 2  # 12 images / batch 2 = 6 steps
     assert "exceed the 6 steps" in capsys.readouterr().err
-
-
-def bench_config_args(data_root: Path) -> list[str]:
-    from helpers import MICRO
-    return [*MICRO, f"data.root={data_root}", "data.synth_train=12", "data.synth_val=4",
-            "data.train_scales=[128]", "data.train_max_size=192", "data.num_workers=0",
-            "train.batch_size=2", "train.micro_batch_size=1", "train.precision=fp32"]
 
 
 @pytest.mark.parametrize("flags, expected", [(["avx2"], "fp32"),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,17 +18,14 @@ from typing import Any, Optional
 
 import torch
 
-from sdetr.config import ConfigError, ExperimentConfig, config_from_dict, to_dict
+from sdetr.config import ConfigError, ExperimentConfig, to_dict
 from sdetr.engine.data import ensure_dataset, set_loader_epoch
-from sdetr.engine.deepspeed_engine import (accumulation_steps, autocast_dtype,
-                                           check_deepspeed_json)
-from sdetr.engine.distributed import all_gather_object, current_context
-from sdetr.engine.precision import resolve_precision
-from sdetr.engine.launch import (ScalingConfigArgs, absolute_paths, run_in_process, run_on_ray,
-                                 worker_resources)
+from sdetr.engine.deepspeed_engine import autocast_dtype
+from sdetr.engine.distributed import all_gather_object
+from sdetr.engine.launch import launch_workers, prepare_launch, worker_resources
 from sdetr.engine.step_timing import StepTimer
 from sdetr.engine.steps import progress_bar, run_epoch
-from sdetr.engine.train import Trainer, WorkerArgs
+from sdetr.engine.train import Trainer, WorkerArgs, enter_worker
 from sdetr.utils.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -43,11 +39,7 @@ def bench_worker(config: dict[str, Any]) -> None:
     bench_steps`` steps of epoch 1, gather every rank's timer summary; rank 0 writes them to
     ``<run_dir>/bench_train.json``."""
     steps, warmup = (int(config[k]) for k in BENCH_KEYS)
-    args = WorkerArgs(**{k: v for k, v in config.items() if k not in BENCH_KEYS})
-    if args.cwd is not None and Path.cwd() != Path(args.cwd):
-        os.chdir(args.cwd)
-    cfg = config_from_dict(args.config)
-    ctx = current_context(args.use_gpu)
+    args, cfg, ctx = enter_worker({k: v for k, v in config.items() if k not in BENCH_KEYS})
     trainer = Trainer(cfg, args, ctx)
     available = trainer.steps_per_epoch
     if warmup + steps > available:
@@ -84,11 +76,7 @@ def run_train_bench(cfg: ExperimentConfig, *, steps: int, warmup: int,
     """
     if steps < 1 or warmup < 0:
         raise ConfigError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
-    world = 1 if not use_ray else (workers or cfg.train.workers)
-    accumulation_steps(cfg.train.batch_size, cfg.train.micro_batch_size, world)  # fail early
-    use_gpu = cfg.train.use_gpu and torch.cuda.is_available()
-    cfg = resolve_precision(absolute_paths(cfg), use_gpu)
-    check_deepspeed_json(cfg)
+    cfg, world, use_gpu = prepare_launch(cfg, workers, use_ray)
     ensure_dataset(cfg.data, splits=("train",))
     run_dir = Path(tempfile.mkdtemp(prefix="sdetr-bench-train-"))
     try:
@@ -98,13 +86,9 @@ def run_train_bench(cfg: ExperimentConfig, *, steps: int, warmup: int,
         extra = {"bench_steps": steps, "bench_warmup": warmup}
         logger.info("bench train %s: %d worker(s)%s, %d + %d steps", cfg.name, world,
                     " on Ray" if use_ray else " in this process", warmup, steps)
-        if use_ray:
-            resources = ({"CPU": cpus_per_worker} if cpus_per_worker
-                         else worker_resources(cfg.train.cpus, world))
-            run_on_ray(args, ScalingConfigArgs(world, use_gpu, resources), 0, run_dir,
-                     worker=bench_worker, extra=extra)
-        else:
-            run_in_process(args, worker=bench_worker, extra=extra)
+        resources = ({"CPU": cpus_per_worker} if cpus_per_worker
+                     else worker_resources(cfg.train.cpus, world))
+        launch_workers(args, world, resources, worker=bench_worker, extra=extra)
         return json.loads((run_dir / BENCH_FILE).read_text())
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -35,8 +35,8 @@ logger = logging.getLogger(__name__)
 
 # Keys that may differ between a run and its resumption (they do not change the optimisation),
 # and whole sections that may (the profiling stage measures, it does not train).
-RESUMABLE_CHANGES = ("train.epochs", "train.workers", "train.cpus",
-                     "train.eval_every", "train.keep_checkpoints", "train.output_dir", "data.num_workers",
+RESUMABLE_CHANGES = ("train.epochs", "train.workers", "train.cpus", "train.eval_every",
+                     "train.keep_checkpoints", "train.output_dir", "data.num_workers",
                      "model.kernel_backend")
 RESUMABLE_SECTIONS = ("profile.",)
 
@@ -95,12 +95,8 @@ def run_training(cfg: ExperimentConfig, *, workers: Optional[int] = None,
             Train's, one CPU or one GPU).
     """
     start = time.perf_counter()
-    world = _world_size(cfg, workers, use_ray)
-    accumulation_steps(cfg.train.batch_size, cfg.train.micro_batch_size, world)  # fail early
-    use_gpu = cfg.train.use_gpu and torch.cuda.is_available()
     requested = cfg.train.precision
-    cfg = resolve_precision(absolute_paths(cfg), use_gpu)
-    check_deepspeed_json(cfg)  # a DeepSpeed file that does not fit fails here, not in a worker
+    cfg, world, use_gpu = prepare_launch(cfg, workers, use_ray)
     if resume not in ("auto", "never"):
         resume = str(Path(resume).resolve())
     run_dir = Path(run_dir or default_run_dir(cfg)).resolve()
@@ -109,8 +105,6 @@ def run_training(cfg: ExperimentConfig, *, workers: Optional[int] = None,
         return _result(run_dir, finished, "already_finished", time.perf_counter() - start)
     ensure_dataset(cfg.data)
     atomic_write_text(run_dir / CONFIG_FILE, to_yaml(cfg))
-    if cfg.train.use_gpu and not use_gpu:
-        logger.warning("train.use_gpu is true but CUDA is not available: training on CPU")
     # After the clean-up for "never", a Ray restart of the worker group must resume: "auto".
     args = WorkerArgs(config=to_dict(cfg), run_dir=str(run_dir),
                       resume="auto" if resume == "never" else resume,
@@ -122,13 +116,8 @@ def run_training(cfg: ExperimentConfig, *, workers: Optional[int] = None,
     logger.info("training %s in %s: %d worker(s)%s, %d micro-batch(es) per step", cfg.name,
                 run_dir, world, " on Ray" if use_ray else " in this process",
                 accumulation_steps(cfg.train.batch_size, cfg.train.micro_batch_size, world))
-    if resources_per_worker is None:
-        resources_per_worker = worker_resources(cfg.train.cpus, world)
-    if use_ray:
-        run_on_ray(args, ScalingConfigArgs(world, use_gpu, resources_per_worker), max_failures,
-                 run_dir)
-    else:
-        run_in_process(args)
+    launch_workers(args, world, resources_per_worker or worker_resources(cfg.train.cpus, world),
+                   max_failures=max_failures)
     result = read_result(run_dir)
     if result is None:
         raise RuntimeError(f"training ended without writing {run_dir / RESULT_FILE}")
@@ -145,10 +134,39 @@ def _world_size(cfg: ExperimentConfig, workers: Optional[int], use_ray: bool) ->
     return workers or cfg.train.workers
 
 
+def prepare_launch(cfg: ExperimentConfig, workers: Optional[int], use_ray: bool
+                   ) -> tuple[ExperimentConfig, int, bool]:
+    """What every launch checks and resolves before a worker starts: (the config with absolute
+    paths and ``train.precision`` resolved, the world size, whether the workers use CUDA).
+    Raises ConfigError for a worker count or DeepSpeed file that does not fit, here and not in
+    a worker."""
+    world = _world_size(cfg, workers, use_ray)
+    accumulation_steps(cfg.train.batch_size, cfg.train.micro_batch_size, world)
+    use_gpu = cfg.train.use_gpu and torch.cuda.is_available()
+    if cfg.train.use_gpu and not use_gpu:
+        logger.warning("train.use_gpu is true but CUDA is not available: training on CPU")
+    cfg = resolve_precision(absolute_paths(cfg), use_gpu)
+    check_deepspeed_json(cfg)
+    return cfg, world, use_gpu
+
+
 def worker_resources(cpus: Optional[float], world: int) -> Optional[dict[str, float]]:
     """``{"CPU": cpus / world}`` (``train.cpus`` split over the workers), or None (Ray Train's
     default) when ``cpus`` is None."""
     return None if cpus is None else {"CPU": cpus / world}
+
+
+def launch_workers(args: WorkerArgs, world: int,
+                   resources_per_worker: Optional[dict[str, float]], *, max_failures: int = 0,
+                   worker: Callable[[dict[str, Any]], Any] = train_worker,
+                   extra: Optional[dict[str, Any]] = None) -> None:
+    """``worker`` on ``world`` Ray Train workers of ``resources_per_worker`` (None: Ray Train's
+    default) when ``args.under_ray``, else in this process (world 1)."""
+    if not args.under_ray:
+        run_in_process(args, worker=worker, extra=extra)
+        return
+    run_on_ray(args, ScalingConfigArgs(world, args.use_gpu, resources_per_worker), max_failures,
+               Path(args.run_dir), worker=worker, extra=extra)
 
 
 def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -209,7 +227,7 @@ def _result(run_dir: Path, result: dict[str, Any], status: str, seconds: float) 
 
 
 def run_in_process(args: WorkerArgs, worker: Callable[[dict[str, Any]], Any] = train_worker,
-               extra: Optional[dict[str, Any]] = None) -> None:
+                   extra: Optional[dict[str, Any]] = None) -> None:
     """``worker`` (default :func:`train_worker`) on ``args`` (+ ``extra`` keys) at world size
     1 in this process, in a one-rank gloo (NCCL on GPU) process group.
 
@@ -238,8 +256,8 @@ class ScalingConfigArgs:
 
 
 def run_on_ray(args: WorkerArgs, scaling: ScalingConfigArgs, max_failures: int,
-             run_dir: Path, worker: Callable[[dict[str, Any]], Any] = train_worker,
-             extra: Optional[dict[str, Any]] = None) -> None:
+               run_dir: Path, worker: Callable[[dict[str, Any]], Any] = train_worker,
+               extra: Optional[dict[str, Any]] = None) -> None:
     """Run ``worker`` (default :func:`train_worker`) on ``args`` (+ ``extra`` keys) on Ray
     Train workers; re-raise a worker's error."""
     import ray

@@ -78,14 +78,19 @@ class WorkerArgs:
     precision_requested: Optional[str] = None
 
 
-def train_worker(config: dict[str, Any]) -> Optional[dict[str, Any]]:
-    """Train one run on this worker (every rank calls it); rank 0 returns the result dict."""
+def enter_worker(config: dict[str, Any]) -> tuple[WorkerArgs, ExperimentConfig, DistContext]:
+    """A worker's start: its :class:`WorkerArgs` (from the dict Ray shipped), the launcher's
+    working directory restored, the config rebuilt, and its rank/device context."""
     args = WorkerArgs(**config)
     if args.cwd is not None and Path.cwd() != Path(args.cwd):
         logger.info("working directory %s -> %s", Path.cwd(), args.cwd)
         os.chdir(args.cwd)
-    cfg = config_from_dict(args.config)
-    ctx = current_context(args.use_gpu)
+    return args, config_from_dict(args.config), current_context(args.use_gpu)
+
+
+def train_worker(config: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """Train one run on this worker (every rank calls it); rank 0 returns the result dict."""
+    args, cfg, ctx = enter_worker(config)
     with log_to_file(Path(args.run_dir) / "logs" / f"rank{ctx.rank}.log"):
         logger.info("rank %d/%d on %s: %d torch threads (OMP_NUM_THREADS=%s)", ctx.rank,
                     ctx.world_size, ctx.device, torch.get_num_threads(),
@@ -335,4 +340,5 @@ class Trainer:
         return result
 
 
-__all__ = ["CONFIG_FILE", "RESULT_FILE", "Trainer", "WorkerArgs", "train_worker"]
+__all__ = ["CONFIG_FILE", "RESULT_FILE", "Trainer", "WorkerArgs", "enter_worker",
+           "train_worker"]
