@@ -11,8 +11,8 @@ from torch import nn
 from helpers import micro_config
 from sdetr.config import TrainConfig
 from sdetr.engine.deepspeed_engine import accumulation_steps, autocast_dtype, deepspeed_config
-from sdetr.engine.optim import (build_optimizer, build_scheduler, group_lrs, group_of,
-                                lr_scale, param_groups)
+from sdetr.engine.optim import (build_cosine_scheduler, build_lr_schedule, build_optimizer,
+                                build_scheduler, group_lrs, group_of, lr_scale, param_groups)
 from sdetr.models import build_model
 
 
@@ -116,6 +116,34 @@ def test_step_lr_drops_by_ten_every_lr_drop_epochs():
     assert seen == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.01])
     with pytest.raises(ValueError, match="lr_drop"):
         build_scheduler(opt, lr_drop=0)
+
+
+def test_cosine_schedule_decays_every_group_to_zero_over_the_run():
+    groups = [{"params": [nn.Parameter(torch.zeros(1))], "lr": 1.0},
+              {"params": [nn.Parameter(torch.zeros(1))], "lr": 0.1}]
+    opt = torch.optim.AdamW(groups)
+    sched = build_cosine_scheduler(opt, total_steps=4)
+    seen = []
+    for _ in range(6):
+        seen.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    half = 0.5 * (1 + math.cos(math.pi / 4))
+    assert [s[0] for s in seen] == pytest.approx([1.0, half, 0.5, 1 - half, 0.0, 0.0])
+    assert [s[1] for s in seen] == pytest.approx([0.1 * s[0] for s in seen])
+    assert "lr_lambdas" not in sched.state_dict() or not any(sched.state_dict()["lr_lambdas"])
+    with pytest.raises(ValueError, match="total_steps"):
+        build_cosine_scheduler(opt, total_steps=0)
+
+
+@pytest.mark.parametrize("kind,per_step", [("step", False), ("cosine", True)])
+def test_lr_schedule_choice(kind, per_step):
+    opt = torch.optim.AdamW(Toy().parameters(), lr=1.0)
+    train = TrainConfig(epochs=3, lr_drop=2, lr_schedule=kind)
+    sched, stepped = build_lr_schedule(opt, train, steps_per_epoch=5)
+    assert stepped is per_step
+    assert isinstance(sched, torch.optim.lr_scheduler.LambdaLR if per_step
+                      else torch.optim.lr_scheduler.StepLR)
 
 
 def test_deepspeed_config_keeps_total_batch_across_worker_counts():

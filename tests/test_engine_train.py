@@ -173,6 +173,35 @@ def test_zero_stage2_reaches_the_same_losses_as_stage0(base_run, tmp_path, data_
     assert [v for _, v in ours] == pytest.approx([v for _, v in ref], rel=1e-4)
 
 
+def test_eval_every_steps_adds_a_finer_curve_and_leaves_training_alone(base_run, tmp_path,
+                                                                      data_root):
+    cfg = run_config(data_root, tmp_path / "runs", "name=steps", "train.eval_every_steps=1")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = train_in(tmp_path, cfg, uri)
+    run_id = result.mlflow_run_id
+    # 2 steps per epoch: steps 2 and 4 end an epoch (eval/*), 1 and 3 are evaluated inside.
+    assert [s for s, _ in history(uri, run_id, "eval_steps/AP50")] == [1, 3]
+    assert [s for s, _ in history(uri, run_id, "eval/AP50")] == [1, 2]
+    minutes = [v for _, v in history(uri, run_id, "eval_steps/train_min")]
+    epoch_s = [v for _, v in history(uri, run_id, "time/epoch_s")]
+    assert 0 < minutes[0] * 60 < epoch_s[0]  # one step of the first epoch, no eval in it
+    assert epoch_s[0] < minutes[1] * 60 < sum(epoch_s)
+    ours = history(uri, run_id, "train/loss")
+    ref = history(base_run.uri, base_run.result.mlflow_run_id, "train/loss")
+    assert [v for _, v in ours] == pytest.approx([v for _, v in ref], rel=1e-6)
+
+
+def test_cosine_schedule_is_stepped_after_every_optimizer_step(tmp_path, data_root):
+    cfg = run_config(data_root, tmp_path / "runs", "name=cos", "train.lr_schedule=cosine")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = train_in(tmp_path, cfg, uri)
+    # lr/* is logged as each epoch starts: after 0 and 2 of the run's 4 steps.
+    lrs = history(uri, result.mlflow_run_id, "lr/default")
+    assert lrs == [(1, pytest.approx(2e-4)), (2, pytest.approx(1e-4))]
+    lin = history(uri, result.mlflow_run_id, "lr/linear_proj")
+    assert [v for _, v in lin] == pytest.approx([2e-5, 1e-5])
+
+
 def test_bf16_mixed_keeps_fp32_weights_and_follows_the_fp32_losses(base_run, tmp_path,
                                                                   data_root):
     cfg = run_config(data_root, tmp_path / "runs", "name=mixed", "train.precision=bf16-mixed")

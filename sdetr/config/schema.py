@@ -24,6 +24,7 @@ AttentionKind = Literal["deformable", "key_aware"]
 LiteVariant = Literal["paper", "code"]
 KernelBackend = Literal["auto", "reference", "compiled"]
 Precision = Literal["fp32", "bf16", "bf16-mixed", "auto"]
+LrSchedule = Literal["step", "cosine"]
 ProfileMeasurement = Literal["params", "flops", "fps", "memory"]
 ProfileModules = Literal["full", "inference_only"]
 
@@ -265,6 +266,16 @@ class TrainConfig:
     the parameters instead of one per tensor and operation; 13 against 67 ms per step for the
     13M parameters of a ``_tiny`` model on one CPU core), the same update up to rounding.
 
+    ``lr_schedule``: ``step`` = the papers' ``StepLR``: every lr × 0.1 after each ``lr_drop``
+    epochs; ``cosine`` = every lr × ``(1 + cos(pi * t / T)) / 2`` after t of the run's T
+    optimizer steps (``epochs`` × steps per epoch; ``lr_drop`` unused), down to 0 at the end.
+
+    ``eval_every``: evaluate after every this many epochs (and after the last one);
+    ``eval_every_steps``: ALSO evaluate every this many optimizer steps inside an epoch (not
+    at an epoch's end, which ``eval_every`` owns), logged as ``eval_steps/<AP key>`` at MLflow
+    step = optimizer steps done, with ``eval_steps/train_min`` = training minutes so far (the
+    evaluations' own time excluded): a learning curve finer than one point per epoch.
+
     ``deepspeed_config``: optional path to a DeepSpeed JSON file whose settings are merged over
     the config the engine generates (e.g. ``zero_optimization.overlap_comm``, bucket sizes,
     ``communication_data_type``); a relative path is resolved against the current working
@@ -284,6 +295,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     clip_max_norm: float = 0.1
     lr_drop: int = 40
+    lr_schedule: LrSchedule = "step"
     seed: int = 42
     workers: int = 8
     cpus: Optional[float] = None
@@ -294,6 +306,7 @@ class TrainConfig:
     output_dir: str = "runs"
     keep_checkpoints: int = 2
     eval_every: int = 1
+    eval_every_steps: Optional[int] = None
     deepspeed_config: Optional[str] = None
 
     def validate(self, prefix: str = "train") -> None:
@@ -307,6 +320,9 @@ class TrainConfig:
                               "generated DeepSpeed config)")
         if self.cpus is not None and self.cpus <= 0:
             raise ConfigError(f"{prefix}.cpus: must be > 0, got {self.cpus}")
+        if self.eval_every_steps is not None and self.eval_every_steps < 1:
+            raise ConfigError(f"{prefix}.eval_every_steps: must be >= 1, got "
+                              f"{self.eval_every_steps}")
         if self.zero_stage not in (0, 1, 2):
             raise ConfigError(f"{prefix}.zero_stage: must be 0, 1 or 2, got {self.zero_stage}")
         per_step = self.micro_batch_size * self.workers

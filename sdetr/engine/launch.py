@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 # Keys that may differ between a run and its resumption (they do not change the optimisation),
 # and whole sections that may (the profiling stage measures, it does not train).
 RESUMABLE_CHANGES = ("train.epochs", "train.workers", "train.cpus", "train.eval_every",
+                     "train.eval_every_steps",
                      "train.keep_checkpoints", "train.output_dir", "data.num_workers",
                      "model.kernel_backend")
 RESUMABLE_SECTIONS = ("profile.",)

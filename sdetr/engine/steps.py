@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Iterable, Iterator, Mapping, Optional, Protocol
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Protocol
 
 import torch
 from torch import Tensor
@@ -159,12 +159,15 @@ def forward(engine: Any, images: Tensor, masks: Tensor, autocast: torch.dtype | 
 def run_epoch(engine: Any, criterion: Any, loader: Iterable, *, steps: int, accumulation: int,
               device: torch.device, epoch: int, first_step: int, bar: Progress,
               autocast: torch.dtype | None = None,
-              timer: Optional[StepTimer] = None) -> dict[str, float]:
+              timer: Optional[StepTimer] = None,
+              after_step: Optional[Callable[[int], None]] = None) -> dict[str, float]:
     """Train ``steps`` optimizer steps of ``accumulation`` micro-batches each.
 
     ``autocast``: run each forward under ``torch.autocast`` to this dtype (``bf16-mixed``);
     the loss and the weights stay in fp32. ``timer``: where each phase's time goes
-    (:mod:`sdetr.engine.step_timing`; a fresh one when None).
+    (:mod:`sdetr.engine.step_timing`; a fresh one when None). ``after_step(k)``: called after
+    the k-th (1-based) optimizer step of this epoch, outside the step's timing (the Trainer's
+    mid-epoch evaluation).
 
     Returns the epoch means (over micro-batches and workers) of ``"loss"`` (the weighted total)
     and of every scalar in the criterion's loss dict. ``epoch`` (1-based) and ``first_step``
@@ -190,6 +193,8 @@ def run_epoch(engine: Any, criterion: Any, loader: Iterable, *, steps: int, accu
                     sums = values if sums is None else sums + values
                 timer.end_step()
                 bar.update(1)
+                if after_step is not None:
+                    after_step(step + 1)
         timer.finish()
     finally:
         remove_hooks()

@@ -13,6 +13,9 @@ averaged over the epoch and the workers), ``lr/<group>``, ``time/epoch_s``,
 workers; phases in :mod:`sdetr.engine.step_timing`), ``eval/<AP key>`` and ``eval/seconds`` (also ``eval_rho<r>/...`` for a final
 rho sweep; see ``sdetr.engine.evaluate.metrics_for_logging``), ``profile/<figure>`` (the
 profiling stage; see ``sdetr.profiling.profile_metrics``); step = complete epochs.
+With ``train.eval_every_steps``: ``eval_steps/<AP key>``, ``eval_steps/seconds`` and
+``eval_steps/train_min`` (training minutes before that evaluation, evaluations excluded) at
+step = optimizer steps done, for the evaluations inside epochs.
 """
 
 from __future__ import annotations
@@ -32,9 +35,10 @@ from sdetr.engine import checkpoints as ckpt
 from sdetr.engine.data import aspect_ratios, build_dataset, build_loader, set_loader_epoch
 from sdetr.engine.deepspeed_engine import autocast_dtype, deepspeed_config, initialize_engine
 from sdetr.engine.distributed import (DistContext, all_gather_object, current_context,
-                                      log_to_file, one_line, run_on_main, seed_everything)
+                                      log_to_file, one_line, rng_state, run_on_main,
+                                      seed_everything, set_rng_state)
 from sdetr.engine.evaluate import evaluate, evaluate_rho_sweep, metrics_for_logging
-from sdetr.engine.optim import build_optimizer, build_scheduler, group_lrs
+from sdetr.engine.optim import build_lr_schedule, build_optimizer, group_lrs
 from sdetr.engine.profile_stage import run_profile_stage
 from sdetr.engine.progress_file import ProgressFile, ray_node_id
 from sdetr.engine.step_timing import StepTimer, step_breakdown
@@ -113,7 +117,6 @@ class Trainer:
         self.postprocess = built.postprocess
         model = built.model.to(ctx.device)
         optimizer = build_optimizer(model, train)
-        self.scheduler = build_scheduler(optimizer, train.lr_drop)
         self.optimizer = optimizer
         self.ds_config = deepspeed_config(train, ctx.world_size)
         self.accumulation = self.ds_config["gradient_accumulation_steps"]
@@ -132,11 +135,15 @@ class Trainer:
         if self.steps_per_epoch < 1:
             raise ValueError(f"the training set is too small for one step of train.batch_size="
                              f"{train.batch_size} ({len(self.train_loader.dataset)} images)")
+        self.scheduler, self.schedule_per_step = build_lr_schedule(optimizer, train,
+                                                                   self.steps_per_epoch)
         self.state = ckpt.TrainState(world_size=ctx.world_size, zero_stage=train.zero_stage)
         self.tracker: Tracker = Tracker()
         self.progress = ProgressFile(self.run_dir, train.epochs, self.steps_per_epoch,
                                      enabled=ctx.is_main)
         self._val: Any = None
+        self._epoch_start = 0.0
+        self._paused = 0.0  # seconds of mid-epoch evaluation in the current epoch
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> Optional[dict[str, Any]]:
@@ -219,16 +226,19 @@ class Trainer:
         bar = self.progress.epoch_bar(epoch + 1, progress_bar(
             self.steps_per_epoch, f"epoch {epoch + 1}/{self.cfg.train.epochs}",
             enabled=self.args.progress and self.ctx.is_main, under_ray=self.args.under_ray))
-        start = time.perf_counter()
+        start = self._epoch_start = time.perf_counter()
+        self._paused = 0.0
         timer = StepTimer()
         losses = run_epoch(self.engine, self.criterion, self.train_loader,
                            steps=self.steps_per_epoch, accumulation=self.accumulation,
                            device=self.ctx.device, epoch=epoch + 1,
                            first_step=self.state.global_step, bar=bar,
-                           autocast=autocast_dtype(self.cfg.train), timer=timer)
-        seconds = time.perf_counter() - start
+                           autocast=autocast_dtype(self.cfg.train), timer=timer,
+                           after_step=self._after_step)
+        seconds = time.perf_counter() - start - self._paused
         self.state.add_seconds("train", seconds)
-        self.scheduler.step()
+        if not self.schedule_per_step:
+            self.scheduler.step()
         self.state.epoch = epoch + 1
         self.state.global_step += self.steps_per_epoch
         metrics = {f"train/{k}": v for k, v in losses.items()}
@@ -260,14 +270,58 @@ class Trainer:
         if self.ctx.is_main and metrics is not None:
             self.state.last_eval = metrics
 
-    def _evaluate(self) -> dict[str, float]:
+    def _after_step(self, step_in_epoch: int) -> None:
+        """After each optimizer step: a per-step LR schedule, a mid-epoch evaluation."""
+        if self.schedule_per_step:
+            self.scheduler.step()
+        if self.cfg.train.eval_every_steps:
+            self._mid_epoch_eval(step_in_epoch)
+
+    def _mid_epoch_eval(self, step_in_epoch: int) -> None:
+        """After step ``step_in_epoch`` (1-based) of the running epoch: evaluate when the
+        optimizer steps done are a multiple of ``train.eval_every_steps`` and the epoch is not
+        over (its end has its own evaluation). The time it takes is left out of the epoch's,
+        and the RNG states are restored after it, so training goes on as without it."""
+        done = self.state.global_step + step_in_epoch
+        every = self.cfg.train.eval_every_steps
+        if every is None or done % every or step_in_epoch == self.steps_per_epoch:
+            return
+        start = time.perf_counter()
+        train_s = (self.state.seconds.get("train", 0.0)
+                   + start - self._epoch_start - self._paused)
+        state = rng_state()
+        run_on_main(self.ctx, lambda: self._evaluate_at_step(done, train_s))
+        set_rng_state(state)
+        seconds = time.perf_counter() - start
+        self._paused += seconds
+        self.state.add_seconds("eval", seconds)
+        self.progress.phase("train")
+
+    def _evaluate_at_step(self, done: int, train_s: float) -> None:
+        """Evaluate mid-epoch; log ``eval_steps/*`` at step ``done`` (optimizer steps)."""
         self.progress.phase("eval")
+        loader, coco_gt = self._val_loader()
+        result = evaluate(self._inference_model(), self.postprocess, loader, coco_gt,
+                          device=self.ctx.device, progress=self._eval_progress)
+        logged = metrics_for_logging(result, "eval_steps")
+        logged["eval_steps/train_min"] = train_s / 60.0
+        self.tracker.log_metrics(logged, done)
+        self.tracker.flush()
+        logger.info("step %d (%.1f training min): AP %.4f, AP50 %.4f", done, train_s / 60.0,
+                    result.metrics["AP"], result.metrics["AP50"])
+
+    def _val_loader(self) -> tuple[Any, Any]:
+        """(val loader, its pycocotools COCO), built on first use."""
         if self._val is None:
             dataset = build_dataset(self.cfg.data, "val")
             loader = build_loader(dataset, self.cfg.eval.batch_size, shuffle=False,
                                   seed=self.cfg.train.seed, num_workers=self.cfg.data.num_workers)
             self._val = (loader, dataset.coco)
-        loader, coco_gt = self._val
+        return self._val
+
+    def _evaluate(self) -> dict[str, float]:
+        self.progress.phase("eval")
+        loader, coco_gt = self._val_loader()
         final = self.state.epoch == self.cfg.train.epochs
         model = self._inference_model()
         out_dir = self.run_dir / "eval"
