@@ -116,3 +116,23 @@ def test_unresolved_auto_never_reaches_the_engine():
         autocast_dtype(micro_config("sparse_detr_tiny").train)
     with pytest.raises(ConfigError):
         micro_config("sparse_detr_tiny", "train.precision=fp16")
+
+
+def test_progress_rate_leaves_out_excluded_time(tmp_path):
+    import io
+
+    from tqdm import tqdm
+
+    from sdetr.engine.progress_file import ProgressFile, read_progress
+    from sdetr.engine.steps import LogProgress
+
+    for inner in (LogProgress(10, "epoch 1/1"), tqdm(total=10, file=io.StringIO())):
+        progress = ProgressFile(tmp_path, 1, 10, enabled=True).epoch_bar(1, inner)
+        start = inner.start if isinstance(inner, LogProgress) else inner.start_t
+        time.sleep(0.4)  # 0.3 s of it "evaluating"
+        progress.update(2)
+        progress.exclude(0.3)
+        progress.phase("train")
+        assert read_progress(tmp_path)["seconds_per_step"] == pytest.approx(0.05, abs=0.04)
+        after = inner.start if isinstance(inner, LogProgress) else inner.start_t
+        assert after == pytest.approx(start + 0.3)

@@ -78,6 +78,17 @@ class ProgressFile:
             self.inner.close()
         self.phase("train")
 
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` spent on something else (a mid-epoch evaluation) out of the
+        epoch's rate and ETA, here and in ``inner`` (a :class:`~sdetr.engine.steps.LogProgress`
+        or a tqdm bar, whose clock starts at ``start_t``)."""
+        self._start += seconds
+        exclude = getattr(self.inner, "exclude", None)
+        if exclude is not None:
+            exclude(seconds)
+        elif hasattr(self.inner, "start_t"):
+            self.inner.start_t += seconds
+
     def phase(self, name: str) -> None:
         """Write the record now with ``phase`` = ``name``."""
         if not self.enabled:

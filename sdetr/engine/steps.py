@@ -70,6 +70,10 @@ class LogProgress:
     def close(self) -> None:
         return None
 
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` (not spent on steps) out of the rate and ETA."""
+        self.start += seconds
+
 
 def progress_bar(total: int, desc: str, *, enabled: bool, under_ray: bool) -> Progress:
     """A tqdm bar with ETA, log lines with ETA inside a Ray worker (:class:`LogProgress`), or

@@ -295,6 +295,7 @@ class Trainer:
         seconds = time.perf_counter() - start
         self._paused += seconds
         self.state.add_seconds("eval", seconds)
+        self.progress.exclude(seconds)  # the epoch's rate and ETA count steps only
         self.progress.phase("train")
 
     def _evaluate_at_step(self, done: int, train_s: float) -> None:
