@@ -271,7 +271,8 @@ class Trainer:
             self.state.last_eval = metrics
 
     def _after_step(self, step_in_epoch: int) -> None:
-        """After each optimizer step: a per-step LR schedule, a mid-epoch evaluation."""
+        """After each optimizer step: a per-step LR schedule, a mid-epoch evaluation (only
+        with ``train.eval_every_steps``)."""
         if self.schedule_per_step:
             self.scheduler.step()
         if self.cfg.train.eval_every_steps:
@@ -283,8 +284,7 @@ class Trainer:
         over (its end has its own evaluation). The time it takes is left out of the epoch's,
         and the RNG states are restored after it, so training goes on as without it."""
         done = self.state.global_step + step_in_epoch
-        every = self.cfg.train.eval_every_steps
-        if every is None or done % every or step_in_epoch == self.steps_per_epoch:
+        if done % self.cfg.train.eval_every_steps or step_in_epoch == self.steps_per_epoch:
             return
         start = time.perf_counter()
         train_s = (self.state.seconds.get("train", 0.0)
