@@ -136,8 +136,10 @@ def test_resnet50_loads_torchvision_weights_and_matches(tmp_path) -> None:
         c4 = reference.layer3(c3)
         expected = [c3, c4, reference.layer4(c4)]
         outs = backbone(x)
+    # fp32 rounding of two conv paths reaches 1.05e-4 on some CPUs (AVX-512); a wrong key
+    # mapping would be off by O(1)
     for out, exp in zip(outs, expected):
-        torch.testing.assert_close(out, exp, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out, exp, rtol=1e-4, atol=5e-4)
 
 
 def test_resnet18_round_trip_timm_names(tmp_path) -> None:
