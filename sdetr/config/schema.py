@@ -58,6 +58,7 @@ class LossConfig:
     cost_class: float = 2.0
     cost_bbox: float = 5.0
     cost_giou: float = 2.0
+    one2many_coef: float = 1.0  # weight of the one-to-many set's losses (model.one2many_queries)
 
 
 @dataclass
@@ -111,6 +112,10 @@ class ModelConfig:
     lite_variant: LiteVariant = "paper"  # paper: (A+1)·B layers; code: release's fused A·B layers
     kda_proj_key: bool = False  # KDA: own key projection (False: keys = projected values)
     kernel_backend: KernelBackend = "auto"
+    # Hybrid matching (H-DETR), training only: T extra queries matched one-to-many against the
+    # targets repeated K times; eval and inference see the num_queries one-to-one queries only.
+    one2many_queries: int = 0  # T (0 = off)
+    one2many_repeats: int = 6  # K
     loss: LossConfig = field(default_factory=LossConfig)
 
     def validate(self, prefix: str = "model") -> None:
@@ -149,8 +154,21 @@ class ModelConfig:
         if self.queries != "learned" and self.num_feature_levels < 1:
             raise ConfigError(f"{prefix}.num_feature_levels: must be >= 1")
         self._validate_lite(prefix)
+        self._validate_one2many(prefix)
         if self.backbone.name != "swin_t" and self.backbone.drop_path_rate != 0.2:
             raise ConfigError(f"{prefix}.backbone.drop_path_rate: only used by swin_t")
+
+    def _validate_one2many(self, prefix: str) -> None:
+        """Rules of hybrid matching's one-to-many branch."""
+        if self.one2many_queries < 0:
+            raise ConfigError(f"{prefix}.one2many_queries: must be >= 0, got "
+                              f"{self.one2many_queries}")
+        if self.one2many_repeats < 1:
+            raise ConfigError(f"{prefix}.one2many_repeats: must be >= 1, got "
+                              f"{self.one2many_repeats}")
+        if self.loss.one2many_coef <= 0:
+            raise ConfigError(f"{prefix}.loss.one2many_coef: must be > 0, got "
+                              f"{self.loss.one2many_coef}")
 
     def _validate_lite(self, prefix: str) -> None:
         """Rules of the interleaved encoders and of key-aware attention."""

@@ -134,10 +134,12 @@ def build_token_scorer(cfg: ModelConfig) -> nn.Module:
 def build_query_selector(cfg: ModelConfig) -> nn.Module:
     """The select-queries seam for ``cfg.queries``."""
     if cfg.queries == "learned":
-        return LearnedQueries(cfg.num_queries, cfg.hidden_dim)
+        return LearnedQueries(cfg.num_queries, cfg.hidden_dim,
+                              num_one2many=cfg.one2many_queries)
     topk = cfg.queries == "topk"
     return TopKQueries(cfg.num_queries, cfg.hidden_dim, cfg.num_classes,
-                       class_specific=topk, content_from_memory=topk)
+                       class_specific=topk, content_from_memory=topk,
+                       num_one2many=cfg.one2many_queries)
 
 
 def build_criterion(cfg: ModelConfig) -> SetCriterion:
@@ -151,8 +153,10 @@ def build_criterion(cfg: ModelConfig) -> SetCriterion:
         has_enc=cfg.two_stage,
         num_enc_aux=cfg.enc_layers - 1 if cfg.enc_aux_loss else 0,
         extra=_extra_weights(cfg),
+        one2many_coef=loss.one2many_coef if cfg.one2many_queries else 0.0,
     )
-    return SetCriterion(cfg.num_classes, matcher, weights, focal_alpha=loss.focal_alpha)
+    return SetCriterion(cfg.num_classes, matcher, weights, focal_alpha=loss.focal_alpha,
+                        one2many_repeats=cfg.one2many_repeats if cfg.one2many_queries else 0)
 
 
 def _extra_weights(cfg: ModelConfig) -> dict[str, float]:

@@ -9,7 +9,10 @@ Output sets and their loss-key suffixes:
 * ``aux_outputs[i]`` (decoder layers 0..L-2): ``_{i}``;
 * ``enc_outputs`` (two-stage / top-k head over encoder tokens): ``_enc``; binary labels unless
   its ``class_specific`` flag is True;
-* ``enc_aux_outputs[i]`` (Sparse DETR encoder auxiliary heads): ``_enc_{i}``, real labels.
+* ``enc_aux_outputs[i]`` (Sparse DETR encoder auxiliary heads): ``_enc_{i}``, real labels;
+* ``one2many_outputs`` (hybrid matching's one-to-many queries, training only): ``_o2m`` for its
+  final layer and ``_o2m_{i}`` for its ``aux_outputs[i]``, matched against every image's
+  targets repeated ``one2many_repeats`` times and normalised by that many times num_boxes.
 """
 
 from __future__ import annotations
@@ -66,22 +69,37 @@ def build_weight_dict(
     has_enc: bool,
     num_enc_aux: int,
     extra: Mapping[str, float] | None = None,
+    one2many_coef: float = 0.0,
 ) -> dict[str, float]:
     """Weight of every loss key: final set, ``_{i}`` for i < num_dec_aux, ``_enc`` if has_enc,
     ``_enc_{i}`` for i < num_enc_aux, plus ``extra`` (e.g. ``{"loss_dam": 1.0}``) as given.
+    With ``one2many_coef`` > 0 the decoder sets' keys also come with ``_o2m`` after their
+    ``loss_*`` name (``loss_ce_o2m``, ``loss_ce_o2m_0``, ...), weighted ``one2many_coef`` times.
     """
     if num_dec_aux < 0 or num_enc_aux < 0:
         raise ValueError(f"num_dec_aux ({num_dec_aux}) and num_enc_aux ({num_enc_aux}) must be >= 0")
+    if one2many_coef < 0:
+        raise ValueError(f"one2many_coef must be >= 0, got {one2many_coef}")
     base = {"loss_ce": cls_coef, "loss_bbox": bbox_coef, "loss_giou": giou_coef}
-    suffixes = [""] + [f"_{i}" for i in range(num_dec_aux)]
+    decoder_sets = [""] + [f"_{i}" for i in range(num_dec_aux)]
+    suffixes = list(decoder_sets)
     suffixes += ["_enc"] if has_enc else []
     suffixes += [f"_enc_{i}" for i in range(num_enc_aux)]
     weights = {k + s: v for s in suffixes for k, v in base.items()}
+    if one2many_coef > 0:
+        weights.update({k + "_o2m" + s: v * one2many_coef
+                        for s in decoder_sets for k, v in base.items()})
     for key, value in (extra or {}).items():
         if key in weights:
             raise ValueError(f"extra weight key {key!r} clashes with a set-loss key")
         weights[key] = value
     return weights
+
+
+def repeat_targets(targets: list[Target], repeats: int) -> list[Target]:
+    """Every image's labels (n,) and boxes (n, 4) repeated ``repeats`` times: (n·repeats,)."""
+    return [{"labels": t["labels"].repeat(repeats), "boxes": t["boxes"].repeat(repeats, 1)}
+            for t in targets]
 
 
 def _flat_match(indices: MatchIndices, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -102,7 +120,8 @@ class SetCriterion(nn.Module):
     Per set: ``loss_ce`` = sigmoid focal loss with one-hot targets summed over all queries and
     classes / num_boxes (unmatched queries have all-zero targets); ``loss_bbox`` = sum of L1 over
     matched pairs / num_boxes; ``loss_giou`` = sum of (1 - GIoU) / num_boxes. Logged only (final
-    set): ``class_error`` and ``cardinality_error``.
+    set): ``class_error`` and ``cardinality_error``. ``one2many_repeats`` (K) is how often the
+    one-to-many set sees every target; 0 = the model has no such set.
     """
 
     def __init__(
@@ -112,10 +131,14 @@ class SetCriterion(nn.Module):
         weight_dict: Mapping[str, float],
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        one2many_repeats: int = 0,
     ) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if one2many_repeats < 0:
+            raise ValueError(f"one2many_repeats must be >= 0, got {one2many_repeats}")
+        self.one2many_repeats = one2many_repeats
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = dict(weight_dict)
@@ -186,9 +209,9 @@ class SetCriterion(nn.Module):
         """All individual losses (unweighted) and logged metrics; see the module docstring for the
         output sets. ``outputs["extra_losses"]`` (dict of scalars, e.g. ``loss_dam``) passes through."""
         num_boxes = normalised_num_boxes(targets, outputs["pred_logits"].device)
-        losses = self.set_losses(outputs, targets, num_boxes, "")
-        for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            losses.update(self.set_losses(aux, targets, num_boxes, f"_{i}"))
+        losses = self.decoder_losses(outputs, targets, num_boxes, "")
+        if "one2many_outputs" in outputs:
+            losses.update(self.one2many_losses(outputs["one2many_outputs"], targets, num_boxes))
         if "enc_outputs" in outputs:
             enc = outputs["enc_outputs"]
             if "class_specific" not in enc:
@@ -207,6 +230,26 @@ class SetCriterion(nn.Module):
                 raise ValueError(f"extra_losses key {key!r} clashes with a set-loss key")
             losses[key] = value
         return losses
+
+    def decoder_losses(self, outputs: Mapping, targets: list[Target], num_boxes: Tensor,
+                       tag: str) -> dict[str, Tensor]:
+        """The final set's losses (``loss_ce{tag}``...) and each ``aux_outputs[i]``'s
+        (``loss_ce{tag}_{i}``...)."""
+        losses = self.set_losses(outputs, targets, num_boxes, tag)
+        for i, aux in enumerate(outputs.get("aux_outputs", [])):
+            losses.update(self.set_losses(aux, targets, num_boxes, f"{tag}_{i}"))
+        return losses
+
+    def one2many_losses(self, outputs: Mapping, targets: list[Target],
+                        num_boxes: Tensor) -> dict[str, Tensor]:
+        """Hybrid matching's one-to-many set: every target repeated K times, Hungarian-matched,
+        normalised by K·num_boxes; keys ``loss_*_o2m`` and ``loss_*_o2m_{i}``."""
+        repeats = self.one2many_repeats
+        if repeats < 1:
+            raise ValueError("outputs hold 'one2many_outputs' but the criterion was built with "
+                             "one2many_repeats=0")
+        return self.decoder_losses(outputs, repeat_targets(targets, repeats), num_boxes * repeats,
+                                   "_o2m")
 
     def total_loss(self, losses: Mapping[str, Tensor]) -> Tensor:
         """Weighted sum ``sum_k weight_dict[k] * losses[k]`` over keys present in both."""

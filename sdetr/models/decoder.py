@@ -34,6 +34,21 @@ class DecoderOutput:
     sampling_locations: torch.Tensor
     attention_weights: torch.Tensor
 
+    def split(self, first: int) -> tuple["DecoderOutput", "DecoderOutput | None"]:
+        """(queries [0, first), queries [first, Q)) of every field; the second is None when
+        ``first`` covers all Q queries (no one-to-many set)."""
+        if first >= self.hidden_states.shape[2]:
+            return self, None
+        return self._select(slice(0, first)), self._select(slice(first, None))
+
+    def _select(self, queries: slice) -> "DecoderOutput":
+        return DecoderOutput(
+            hidden_states=self.hidden_states[:, :, queries],
+            references=tuple(r[:, queries] for r in self.references),
+            sampling_locations=self.sampling_locations[:, :, queries],
+            attention_weights=self.attention_weights[:, :, queries],
+        )
+
 
 def scale_reference_points(reference_points: torch.Tensor, valid_ratios: torch.Tensor) -> torch.Tensor:
     """Map valid-image references to each level's padded map (§3.5, decoder).
@@ -124,6 +139,7 @@ class DeformableDecoderLayer(nn.Module):
         spatial_shapes: torch.Tensor,
         level_start_index: torch.Tensor,
         memory_padding_mask: torch.Tensor | None,
+        self_attn_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One decoder layer.
 
@@ -132,12 +148,13 @@ class DeformableDecoderLayer(nn.Module):
             reference_points: (B, Q, L, 2|4) normalised to the padded maps (already scaled by valid ratios).
             memory: (B, N, C) encoder output. spatial_shapes: (L, 2) int64; level_start_index: (L,) int64.
             memory_padding_mask: (B, N) bool, True = padding, or None.
+            self_attn_mask: (Q, Q) bool, True = query i may not attend to query j, or None.
 
         Returns:
             tgt (B, Q, C); sampling_locations (B, Q, M, L, P, 2); attention_weights (B, Q, M, L, P).
         """
         q = k = tgt + query_pos
-        sa = self.self_attn(q, k, tgt, need_weights=False)[0]
+        sa = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]
         tgt = self.norm2(tgt + self.dropout2(sa))
         ca, locations, weights = self.cross_attn(
             tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, memory_padding_mask
@@ -170,6 +187,7 @@ class DeformableDecoder(nn.Module):
         valid_ratios: torch.Tensor,
         memory_padding_mask: torch.Tensor | None,
         bbox_heads: Sequence[nn.Module] | None = None,
+        self_attn_mask: torch.Tensor | None = None,
     ) -> DecoderOutput:
         """Decode; refine the references per layer iff ``bbox_heads`` is given (§6.4).
 
@@ -180,6 +198,7 @@ class DeformableDecoder(nn.Module):
             valid_ratios: (B, L, 2) (w, h). memory_padding_mask: (B, N) bool, True = padding, or None.
             bbox_heads: one box head per layer mapping (B, Q, C) -> (B, Q, 4) raw offsets, or None.
                 With heads, ``ref_{l+1} = detach(sigmoid(bbox_heads[l](h_l) + inverse_sigmoid(ref_l)))``.
+            self_attn_mask: (Q, Q) bool, True = blocked, for every layer's self-attention, or None.
 
         Returns:
             DecoderOutput (see its docstring).
@@ -191,7 +210,8 @@ class DeformableDecoder(nn.Module):
         for lid, layer in enumerate(self.layers):
             ref_input = scale_reference_points(reference, valid_ratios)
             output, loc, attn = layer(
-                output, query_pos, ref_input, memory, spatial_shapes, level_start_index, memory_padding_mask
+                output, query_pos, ref_input, memory, spatial_shapes, level_start_index, memory_padding_mask,
+                self_attn_mask,
             )
             hidden.append(output)
             references.append(reference)

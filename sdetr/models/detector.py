@@ -14,6 +14,8 @@ flags inside ``forward``.
 Output dict (training and eval):
     pred_logits (B, Q, K), pred_boxes (B, Q, 4) cx,cy,w,h in [0, 1] of the unpadded image;
     aux_outputs: list of the same for decoder layers 0..L-2 (when ``aux_loss``);
+    one2many_outputs: the same three keys for the one-to-many queries of hybrid matching
+        (training only, when the query selector adds them; see :mod:`sdetr.models.queries`);
     enc_outputs: the token head's predictions (two-stage / top-k only);
     enc_aux_outputs: encoder auxiliary predictions (Sparse DETR only);
     extra_losses: losses computed by a seam (e.g. Sparse DETR's DAM loss; training only);
@@ -105,16 +107,26 @@ class DeformableDETR(nn.Module):
         bbox_heads = list(self.heads.bbox_embed) if self.box_refine else None
         return self.decoder(queries.tgt, queries.query_pos, queries.reference, encoded.memory,
                             feats.spatial_shapes, feats.level_start_index, feats.valid_ratios,
-                            feats.mask, bbox_heads=bbox_heads)
+                            feats.mask, bbox_heads=bbox_heads,
+                            self_attn_mask=queries.self_attn_mask())
 
-    def assemble(self, decoded: DecoderOutput, queries: QuerySet, encoded: EncoderOutput,
-                 feats: FeatureSet) -> dict[str, Any]:
-        """Per-layer predictions → the output dict described in the module docstring."""
+    def prediction_sets(self, decoded: DecoderOutput) -> dict[str, Any]:
+        """Per-layer predictions of the decoded queries: the last layer's ``pred_logits`` /
+        ``pred_boxes`` and (with ``aux_loss``) ``aux_outputs`` for the others."""
         sets = [self.heads.predict(i, decoded.hidden_states[i], decoded.references[i])
                 for i in range(decoded.hidden_states.shape[0])]
         out: dict[str, Any] = {"pred_logits": sets[-1][0], "pred_boxes": sets[-1][1]}
         if self.aux_loss:
             out["aux_outputs"] = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in sets[:-1]]
+        return out
+
+    def assemble(self, decoded: DecoderOutput, queries: QuerySet, encoded: EncoderOutput,
+                 feats: FeatureSet) -> dict[str, Any]:
+        """Per-layer predictions → the output dict described in the module docstring."""
+        one2one, one2many = decoded.split(queries.one2one_size)
+        out = self.prediction_sets(one2one)
+        if one2many is not None:
+            out["one2many_outputs"] = self.prediction_sets(one2many)
         if queries.enc_outputs is not None:
             out["enc_outputs"] = queries.enc_outputs
         if encoded.aux_outputs:

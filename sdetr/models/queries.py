@@ -7,6 +7,12 @@ REFERENCE §6.2. Two implementations:
 * :class:`TopKQueries` — two-stage Deformable DETR, Efficient DETR and Sparse DETR: a head on
   every encoder token scores it and predicts a box from its anchor; the top-Q tokens become
   queries with 4-d box references.
+
+Both take ``num_one2many`` (T, default 0): in training they return T more queries after the Q
+one-to-one queries, for the one-to-many branch of hybrid matching (H-DETR, Jia et al. 2023):
+that branch is matched against each image's targets repeated K times, and the two sets do not
+attend to each other. In eval only the Q one-to-one queries exist, so inference, its outputs and
+its FLOPs are those of the detector without the branch.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ class QuerySet:
     reference: (B, Q, 2) or (B, Q, 4) in [0, 1], cx,cy(,w,h) of the valid (unpadded) image.
     enc_outputs: predictions of the token head for the two-stage loss (None for learned
     queries): {"pred_logits": (B, N, K), "pred_boxes": (B, N, 4), "class_specific": bool}.
+    num_one2one: the first num_one2one of the Q queries are the one-to-one set, the others the
+    one-to-many set of hybrid matching (training only); None = all Q are one-to-one.
     """
 
     tgt: Tensor
@@ -38,25 +46,47 @@ class QuerySet:
     reference: Tensor
     enc_outputs: Optional[dict[str, Any]] = None
     extras: dict[str, Tensor] = field(default_factory=dict)
+    num_one2one: Optional[int] = None
+
+    @property
+    def one2one_size(self) -> int:
+        """Queries of the one-to-one set: the first ``num_one2one`` (None: all of them); the
+        rest form the one-to-many set."""
+        total = self.tgt.shape[1]
+        return total if self.num_one2one is None else min(self.num_one2one, total)
+
+    def self_attn_mask(self) -> Optional[Tensor]:
+        """(Q_total, Q_total) bool, True = may not attend: the one-to-one and one-to-many sets
+        are blocked from each other; None when there is only the one-to-one set."""
+        total, first = self.tgt.shape[1], self.one2one_size
+        if first == total:
+            return None
+        group = torch.arange(total, device=self.tgt.device) >= first
+        return group[:, None] != group[None, :]
 
 
 class LearnedQueries(nn.Module):
-    """``query_embed`` (Q, 2C) split into pos (first C) and content (last C) + a 2-d reference."""
+    """``query_embed`` (Q + T, 2C) split into pos (first C) and content (last C) + a 2-d
+    reference; rows Q.. are the one-to-many queries, used in training only."""
 
-    def __init__(self, num_queries: int, hidden_dim: int) -> None:
+    def __init__(self, num_queries: int, hidden_dim: int, num_one2many: int = 0) -> None:
         super().__init__()
-        self.query_embed = nn.Embedding(num_queries, hidden_dim * 2)
+        self.num_queries = num_queries
+        self.num_one2many = num_one2many
+        self.query_embed = nn.Embedding(num_queries + num_one2many, hidden_dim * 2)
         self.reference_points = nn.Linear(hidden_dim, 2)
 
     def forward(self, memory: Tensor, feats: FeatureSet,
                 proposals: Optional[ProposalProjection]) -> QuerySet:
         """memory (B, N, C) is unused; the queries are the same for every image."""
         batch = memory.shape[0]
-        query_pos, tgt = self.query_embed.weight.split(memory.shape[-1], dim=1)
+        rows = self.num_queries + (self.num_one2many if self.training else 0)
+        query_pos, tgt = self.query_embed.weight[:rows].split(memory.shape[-1], dim=1)
         query_pos = query_pos.unsqueeze(0).expand(batch, -1, -1)
         tgt = tgt.unsqueeze(0).expand(batch, -1, -1)
         return QuerySet(tgt=tgt, query_pos=query_pos,
-                        reference=self.reference_points(query_pos).sigmoid())
+                        reference=self.reference_points(query_pos).sigmoid(),
+                        num_one2one=self.num_queries)
 
 
 class TopKQueries(nn.Module):
@@ -70,14 +100,17 @@ class TopKQueries(nn.Module):
         content_from_memory: content queries are the selected memory rows and ``pos_trans``
             maps 4·C/2 → C (Efficient/Sparse ``eff_query_init``); otherwise both content and
             positional queries come from ``pos_trans`` (2C → 2C).
+        num_one2many: T; in training the tokens ranked Q+1..Q+T become the one-to-many
+            queries (H-DETR's two-stage rule).
     Submodules: ``class_embed``/``bbox_embed`` (the official head index ``dec_layers``),
     ``pos_trans`` and ``pos_trans_norm``.
     """
 
     def __init__(self, num_queries: int, hidden_dim: int, num_classes: int,
-                 class_specific: bool, content_from_memory: bool) -> None:
+                 class_specific: bool, content_from_memory: bool, num_one2many: int = 0) -> None:
         super().__init__()
         self.num_queries = num_queries
+        self.num_one2many = num_one2many
         self.class_specific = class_specific
         self.content_from_memory = content_from_memory
         out_dim = hidden_dim if content_from_memory else 2 * hidden_dim
@@ -88,7 +121,8 @@ class TopKQueries(nn.Module):
 
     def forward(self, memory: Tensor, feats: FeatureSet,
                 proposals: Optional[ProposalProjection]) -> QuerySet:
-        """memory (B, N, C) → the Q highest-scoring tokens as queries with 4-d references."""
+        """memory (B, N, C) → the Q highest-scoring tokens as queries with 4-d references,
+        best first (then, in training, the next T as one-to-many queries)."""
         if proposals is None:
             raise RuntimeError("TopKQueries needs the detector's proposal projection")
         anchors, invalid = proposal_anchors(feats)
@@ -96,7 +130,7 @@ class TopKQueries(nn.Module):
         logits = self.class_embed(projected)
         coords = self.bbox_embed(projected) + anchors
         score = logits.max(-1).values if self.class_specific else logits[..., 0]
-        k = min(self.num_queries, score.shape[1])
+        k = min(self.num_queries + (self.num_one2many if self.training else 0), score.shape[1])
         topk = torch.topk(score, k, dim=1).indices
         ref_unact = torch.gather(coords, 1, topk.unsqueeze(-1).expand(-1, -1, 4)).detach()
         reference = ref_unact.sigmoid()
@@ -111,4 +145,5 @@ class TopKQueries(nn.Module):
         enc_outputs = {"pred_logits": logits, "pred_boxes": coords.sigmoid(),
                        "class_specific": self.class_specific}
         return QuerySet(tgt=tgt, query_pos=query_pos, reference=reference,
-                        enc_outputs=enc_outputs, extras={"topk_indices": topk})
+                        enc_outputs=enc_outputs, extras={"topk_indices": topk},
+                        num_one2one=self.num_queries)

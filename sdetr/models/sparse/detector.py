@@ -8,6 +8,9 @@ what needs both the encoder's selection and the decoder's cross-attention of the
   binarised decoder cross-attention map;
 * ``metrics``: the Corr metric (share of decoder attention on selected tokens), train and eval;
 * ``backbone_outputs``: the objectness scorer's predictions over all tokens (OS criterion only).
+
+With hybrid matching the DAM (its loss and Corr) comes from the one-to-one queries only, the
+queries that exist at inference.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class SparseDETR(DeformableDETR):
     def assemble(self, decoded: DecoderOutput, queries: QuerySet, encoded: EncoderOutput,
                  feats: FeatureSet) -> dict[str, Any]:
         out = super().assemble(decoded, queries, encoded, feats)
+        decoded = decoded.split(queries.one2one_size)[0]  # the DAM of the one-to-one queries
         if "backbone_outputs" in encoded.extras:
             out["backbone_outputs"] = encoded.extras["backbone_outputs"]
         with_loss = self.training and self.dam_loss
