@@ -59,6 +59,7 @@ class LossConfig:
     cost_bbox: float = 5.0
     cost_giou: float = 2.0
     one2many_coef: float = 1.0  # weight of the one-to-many set's losses (model.one2many_queries)
+    dn_coef: float = 1.0  # weight of the denoising queries' losses (model.dn_groups)
 
 
 @dataclass
@@ -116,6 +117,11 @@ class ModelConfig:
     # targets repeated K times; eval and inference see the num_queries one-to-one queries only.
     one2many_queries: int = 0  # T (0 = off)
     one2many_repeats: int = 6  # K
+    # Denoising queries (DN-DETR / DINO's DN part), training only, two_stage / topk queries:
+    # dn_groups noised copies of the ground truth reconstruct their boxes and labels.
+    dn_groups: int = 0  # G (0 = off)
+    dn_label_noise: float = 0.2  # probability of a label flip
+    dn_box_noise: float = 0.4  # λ: centre shift up to λ·w/2, w and h scaled within 1 ± λ
     loss: LossConfig = field(default_factory=LossConfig)
 
     def validate(self, prefix: str = "model") -> None:
@@ -155,6 +161,7 @@ class ModelConfig:
             raise ConfigError(f"{prefix}.num_feature_levels: must be >= 1")
         self._validate_lite(prefix)
         self._validate_one2many(prefix)
+        self._validate_denoising(prefix)
         if self.backbone.name != "swin_t" and self.backbone.drop_path_rate != 0.2:
             raise ConfigError(f"{prefix}.backbone.drop_path_rate: only used by swin_t")
 
@@ -169,6 +176,21 @@ class ModelConfig:
         if self.loss.one2many_coef <= 0:
             raise ConfigError(f"{prefix}.loss.one2many_coef: must be > 0, got "
                               f"{self.loss.one2many_coef}")
+
+    def _validate_denoising(self, prefix: str) -> None:
+        """Rules of the denoising queries."""
+        if self.dn_groups < 0:
+            raise ConfigError(f"{prefix}.dn_groups: must be >= 0, got {self.dn_groups}")
+        if self.dn_groups and self.queries == "learned":
+            raise ConfigError(f"{prefix}.dn_groups: denoising queries need box references, "
+                              "i.e. queries 'two_stage' or 'topk' (got 'learned')")
+        if not 0.0 <= self.dn_label_noise <= 1.0:
+            raise ConfigError(f"{prefix}.dn_label_noise: must be in [0, 1], got "
+                              f"{self.dn_label_noise}")
+        if self.dn_box_noise < 0:
+            raise ConfigError(f"{prefix}.dn_box_noise: must be >= 0, got {self.dn_box_noise}")
+        if self.loss.dn_coef <= 0:
+            raise ConfigError(f"{prefix}.loss.dn_coef: must be > 0, got {self.loss.dn_coef}")
 
     def _validate_lite(self, prefix: str) -> None:
         """Rules of the interleaved encoders and of key-aware attention."""

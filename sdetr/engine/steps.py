@@ -150,13 +150,15 @@ def float_outputs(outputs: Any) -> Any:
     return outputs
 
 
-def forward(engine: Any, images: Tensor, masks: Tensor, autocast: torch.dtype | None) -> Any:
+def forward(engine: Any, images: Tensor, masks: Tensor, autocast: torch.dtype | None,
+            targets: Optional[list[dict[str, Tensor]]] = None) -> Any:
     """The model's outputs for one micro-batch; with ``autocast`` set, the forward runs under
-    ``torch.autocast`` to that dtype and the outputs come back in float32."""
+    ``torch.autocast`` to that dtype and the outputs come back in float32. ``targets`` go to
+    the model's forward (its denoising queries, if it has them)."""
     if autocast is None:
-        return engine(images, masks)
+        return engine(images, masks, targets=targets)
     with torch.autocast(images.device.type, dtype=autocast):
-        outputs = engine(images, masks)
+        outputs = engine(images, masks, targets=targets)
     return float_outputs(outputs)
 
 
@@ -219,7 +221,7 @@ def _micro_batch(engine: Any, criterion: Any, batches: Iterator, timer: StepTime
     with timer.phase("data"):
         images, masks, targets = to_device(next(batches), device, dtype)
     with timer.phase("forward"):
-        outputs = forward(engine, images, masks, autocast)
+        outputs = forward(engine, images, masks, autocast, targets)
     with timer.phase("sync"):
         check_outputs(outputs, device, epoch=epoch, step=step)
     with timer.phase("loss"):

@@ -16,6 +16,7 @@ from sdetr.models.attention import MSDeformAttn
 from sdetr.models.backbone import build_backbone
 from sdetr.models.criterion import SetCriterion, build_weight_dict
 from sdetr.models.decoder import DeformableDecoder, DeformableDecoderLayer
+from sdetr.models.denoising import DenoisingQueries
 from sdetr.models.detector import DeformableDETR
 from sdetr.models.encoder import DeformableEncoderLayer
 from sdetr.models.encoders import DenseEncoder
@@ -77,12 +78,21 @@ def build_model(cfg: ModelConfig, *, kernel_backend: Optional[str] = None) -> De
         proposals=ProposalProjection(cfg.hidden_dim) if cfg.two_stage else None,
         box_refine=cfg.box_refine,
         aux_loss=cfg.loss.aux_loss,
+        denoiser=build_denoiser(cfg),
     )
     if cfg.selects_tokens:
         resolve_backend("dam_splat", backend)
         detector = SparseLiteDETR if cfg.encoder == "sparse_interleaved" else SparseDETR
         return detector(**parts, dam_loss=cfg.token_selection == "dam", dam_backend=backend)
     return DeformableDETR(**parts)
+
+
+def build_denoiser(cfg: ModelConfig) -> Optional[DenoisingQueries]:
+    """Denoising queries (training only) when ``cfg.dn_groups`` > 0, else None."""
+    if cfg.dn_groups == 0:
+        return None
+    return DenoisingQueries(cfg.num_classes, cfg.hidden_dim, cfg.dn_groups,
+                            label_noise=cfg.dn_label_noise, box_noise=cfg.dn_box_noise)
 
 
 def attention_op(cfg: ModelConfig) -> str:
@@ -154,6 +164,7 @@ def build_criterion(cfg: ModelConfig) -> SetCriterion:
         num_enc_aux=cfg.enc_layers - 1 if cfg.enc_aux_loss else 0,
         extra=_extra_weights(cfg),
         one2many_coef=loss.one2many_coef if cfg.one2many_queries else 0.0,
+        dn_coef=loss.dn_coef if cfg.dn_groups else 0.0,
     )
     return SetCriterion(cfg.num_classes, matcher, weights, focal_alpha=loss.focal_alpha,
                         one2many_repeats=cfg.one2many_repeats if cfg.one2many_queries else 0)

@@ -12,7 +12,10 @@ Output sets and their loss-key suffixes:
 * ``enc_aux_outputs[i]`` (Sparse DETR encoder auxiliary heads): ``_enc_{i}``, real labels;
 * ``one2many_outputs`` (hybrid matching's one-to-many queries, training only): ``_o2m`` for its
   final layer and ``_o2m_{i}`` for its ``aux_outputs[i]``, matched against every image's
-  targets repeated ``one2many_repeats`` times and normalised by that many times num_boxes.
+  targets repeated ``one2many_repeats`` times and normalised by that many times num_boxes;
+* ``dn_outputs`` (denoising queries, training only): ``_dn`` and ``_dn_{i}``, NOT matched: each
+  query is assigned to the target it is a noised copy of (``dn_outputs["plan"].indices()``), the
+  padding queries are negatives, normalised by G times num_boxes.
 """
 
 from __future__ import annotations
@@ -70,25 +73,27 @@ def build_weight_dict(
     num_enc_aux: int,
     extra: Mapping[str, float] | None = None,
     one2many_coef: float = 0.0,
+    dn_coef: float = 0.0,
 ) -> dict[str, float]:
     """Weight of every loss key: final set, ``_{i}`` for i < num_dec_aux, ``_enc`` if has_enc,
     ``_enc_{i}`` for i < num_enc_aux, plus ``extra`` (e.g. ``{"loss_dam": 1.0}``) as given.
     With ``one2many_coef`` > 0 the decoder sets' keys also come with ``_o2m`` after their
-    ``loss_*`` name (``loss_ce_o2m``, ``loss_ce_o2m_0``, ...), weighted ``one2many_coef`` times.
+    ``loss_*`` name (``loss_ce_o2m``, ``loss_ce_o2m_0``, ...), weighted ``one2many_coef`` times;
+    likewise ``_dn`` (denoising queries) with ``dn_coef`` > 0.
     """
     if num_dec_aux < 0 or num_enc_aux < 0:
         raise ValueError(f"num_dec_aux ({num_dec_aux}) and num_enc_aux ({num_enc_aux}) must be >= 0")
-    if one2many_coef < 0:
-        raise ValueError(f"one2many_coef must be >= 0, got {one2many_coef}")
+    if one2many_coef < 0 or dn_coef < 0:
+        raise ValueError(f"one2many_coef ({one2many_coef}) and dn_coef ({dn_coef}) must be >= 0")
     base = {"loss_ce": cls_coef, "loss_bbox": bbox_coef, "loss_giou": giou_coef}
     decoder_sets = [""] + [f"_{i}" for i in range(num_dec_aux)]
     suffixes = list(decoder_sets)
     suffixes += ["_enc"] if has_enc else []
     suffixes += [f"_enc_{i}" for i in range(num_enc_aux)]
     weights = {k + s: v for s in suffixes for k, v in base.items()}
-    if one2many_coef > 0:
-        weights.update({k + "_o2m" + s: v * one2many_coef
-                        for s in decoder_sets for k, v in base.items()})
+    for tag, coef in (("_o2m", one2many_coef), ("_dn", dn_coef)):
+        if coef > 0:
+            weights.update({k + tag + s: v * coef for s in decoder_sets for k, v in base.items()})
     for key, value in (extra or {}).items():
         if key in weights:
             raise ValueError(f"extra weight key {key!r} clashes with a set-loss key")
@@ -194,7 +199,15 @@ class SetCriterion(nn.Module):
         logits, boxes = output["pred_logits"], output["pred_boxes"]
         if logits.shape[-1] != self.num_classes:
             raise ValueError(f"pred_logits{suffix} has {logits.shape[-1]} classes, expected {self.num_classes}")
-        indices = self.matcher(logits, boxes, targets)
+        return self.assigned_losses(output, targets, self.matcher(logits, boxes, targets),
+                                    num_boxes, suffix)
+
+    def assigned_losses(self, output: Mapping[str, Tensor], targets: list[Target],
+                        indices: MatchIndices, num_boxes: Tensor, suffix: str
+                        ) -> dict[str, Tensor]:
+        """The three losses of one output set for given query ↔ target ``indices`` (plus the
+        logged metrics when suffix is '')."""
+        logits, boxes = output["pred_logits"], output["pred_boxes"]
         loss_bbox, loss_giou = self.loss_boxes(boxes, targets, indices, num_boxes)
         losses = {
             f"loss_ce{suffix}": self.loss_labels(logits, targets, indices, num_boxes),
@@ -212,6 +225,8 @@ class SetCriterion(nn.Module):
         losses = self.decoder_losses(outputs, targets, num_boxes, "")
         if "one2many_outputs" in outputs:
             losses.update(self.one2many_losses(outputs["one2many_outputs"], targets, num_boxes))
+        if "dn_outputs" in outputs:
+            losses.update(self.denoising_losses(outputs["dn_outputs"], targets, num_boxes))
         if "enc_outputs" in outputs:
             enc = outputs["enc_outputs"]
             if "class_specific" not in enc:
@@ -250,6 +265,21 @@ class SetCriterion(nn.Module):
                              "one2many_repeats=0")
         return self.decoder_losses(outputs, repeat_targets(targets, repeats), num_boxes * repeats,
                                    "_o2m")
+
+    def denoising_losses(self, outputs: Mapping, targets: list[Target],
+                         num_boxes: Tensor) -> dict[str, Tensor]:
+        """The denoising queries' sets (final ``_dn``, ``aux_outputs[i]`` → ``_dn_{i}``), each
+        query assigned to its own target by ``outputs["plan"]``, normalised by G·num_boxes."""
+        plan = outputs["plan"]
+        if len(plan.counts) != len(targets) or any(
+                n != len(t["labels"]) for n, t in zip(plan.counts, targets)):
+            raise ValueError(f"dn_outputs were built for {plan.counts} targets per image, "
+                             f"the loss got {[len(t['labels']) for t in targets]}")
+        indices, scaled = plan.indices(), num_boxes * plan.groups
+        losses = self.assigned_losses(outputs, targets, indices, scaled, "_dn")
+        for i, aux in enumerate(outputs.get("aux_outputs", [])):
+            losses.update(self.assigned_losses(aux, targets, indices, scaled, f"_dn_{i}"))
+        return losses
 
     def total_loss(self, losses: Mapping[str, Tensor]) -> Tensor:
         """Weighted sum ``sum_k weight_dict[k] * losses[k]`` over keys present in both."""

@@ -34,6 +34,10 @@ class DecoderOutput:
     sampling_locations: torch.Tensor
     attention_weights: torch.Tensor
 
+    def take(self, start: int, stop: int) -> "DecoderOutput":
+        """Queries [start, stop) of every field."""
+        return self._select(slice(start, stop))
+
     def split(self, first: int) -> tuple["DecoderOutput", "DecoderOutput | None"]:
         """(queries [0, first), queries [first, Q)) of every field; the second is None when
         ``first`` covers all Q queries (no one-to-many set)."""

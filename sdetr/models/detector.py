@@ -16,6 +16,9 @@ Output dict (training and eval):
     aux_outputs: list of the same for decoder layers 0..L-2 (when ``aux_loss``);
     one2many_outputs: the same three keys for the one-to-many queries of hybrid matching
         (training only, when the query selector adds them; see :mod:`sdetr.models.queries`);
+    dn_outputs: the same three keys for the denoising queries plus ``plan`` (their
+        :class:`~sdetr.models.denoising.DenoisingPlan`; training with targets, when the
+        detector has a ``denoiser``; see :mod:`sdetr.models.denoising`);
     enc_outputs: the token head's predictions (two-stage / top-k only);
     enc_aux_outputs: encoder auxiliary predictions (Sparse DETR only);
     extra_losses: losses computed by a seam (e.g. Sparse DETR's DAM loss; training only);
@@ -33,6 +36,7 @@ from torch import Tensor, nn
 
 from sdetr.models.attention import MSDeformAttn
 from sdetr.models.decoder import DecoderOutput, DeformableDecoder
+from sdetr.models.denoising import DenoisingQueries
 from sdetr.models.heads import HeadStack
 from sdetr.models.neck import FeatureSet, InputProjection, flatten_levels, level_masks
 from sdetr.models.proposals import ProposalProjection
@@ -72,12 +76,15 @@ class DeformableDETR(nn.Module):
         proposals: the shared ``LN(Linear)`` token projection (two-stage / sparse only).
         box_refine: pass the box heads to the decoder for iterative refinement.
         aux_loss: also return predictions of the intermediate decoder layers.
+        denoiser: adds denoising queries in training when ``forward`` gets the targets (needs a
+            query selector with 4-d references and ``position_queries``).
     """
 
     def __init__(self, backbone: nn.Module, input_proj: InputProjection, encoder: nn.Module,
                  query_selector: nn.Module, decoder: DeformableDecoder, heads: HeadStack, *,
                  num_levels: int, hidden_dim: int, proposals: Optional[ProposalProjection] = None,
-                 box_refine: bool = False, aux_loss: bool = True) -> None:
+                 box_refine: bool = False, aux_loss: bool = True,
+                 denoiser: Optional[DenoisingQueries] = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.input_proj = input_proj
@@ -89,6 +96,7 @@ class DeformableDETR(nn.Module):
         self.heads = heads
         self.box_refine = box_refine
         self.aux_loss = aux_loss
+        self.denoiser = denoiser
         self.reset_transformer_parameters()
 
     # ---------------------------------------------------------------------------- seams
@@ -100,8 +108,16 @@ class DeformableDETR(nn.Module):
     def encode(self, feats: FeatureSet) -> EncoderOutput:
         return self.encoder.encode(feats, self.proposals)
 
-    def select_queries(self, encoded: EncoderOutput, feats: FeatureSet) -> QuerySet:
-        return self.query_selector(encoded.memory, feats, self.proposals)
+    def select_queries(self, encoded: EncoderOutput, feats: FeatureSet,
+                       targets: Optional[list[dict[str, Tensor]]] = None) -> QuerySet:
+        """The selector's queries; in training with ``targets`` (one dict per image, "labels"
+        (n,), "boxes" (n, 4) cx,cy,w,h normalised) and a denoiser, plus denoising queries."""
+        queries = self.query_selector(encoded.memory, feats, self.proposals)
+        if self.denoiser is None or not self.training or targets is None:
+            return queries
+        tgt, query_pos, reference, plan = self.denoiser(targets,
+                                                        self.query_selector.position_queries)
+        return queries.with_denoising(tgt, query_pos, reference, plan)
 
     def decode(self, queries: QuerySet, encoded: EncoderOutput, feats: FeatureSet) -> DecoderOutput:
         bbox_heads = list(self.heads.bbox_embed) if self.box_refine else None
@@ -123,20 +139,28 @@ class DeformableDETR(nn.Module):
     def assemble(self, decoded: DecoderOutput, queries: QuerySet, encoded: EncoderOutput,
                  feats: FeatureSet) -> dict[str, Any]:
         """Per-layer predictions → the output dict described in the module docstring."""
-        one2one, one2many = decoded.split(queries.one2one_size)
+        total, dn = decoded.hidden_states.shape[2], queries.num_denoising
+        one2one, one2many = (decoded.take(0, total - dn) if dn else decoded).split(
+            queries.one2one_size)
         out = self.prediction_sets(one2one)
         if one2many is not None:
             out["one2many_outputs"] = self.prediction_sets(one2many)
+        if dn:
+            out["dn_outputs"] = {**self.prediction_sets(decoded.take(total - dn, total)),
+                                 "plan": queries.denoising}
         if queries.enc_outputs is not None:
             out["enc_outputs"] = queries.enc_outputs
         if encoded.aux_outputs:
             out["enc_aux_outputs"] = encoded.aux_outputs
         return out
 
-    def forward(self, images: Tensor, masks: Tensor) -> dict[str, Any]:
+    def forward(self, images: Tensor, masks: Tensor,
+                targets: Optional[list[dict[str, Tensor]]] = None) -> dict[str, Any]:
+        """images (B, 3, H, W), masks (B, H, W) True = pad; ``targets`` (training only) feed
+        the denoiser, if any. Returns the dict of the module docstring."""
         feats = self.extract(images, masks)
         encoded = self.encode(feats)
-        queries = self.select_queries(encoded, feats)
+        queries = self.select_queries(encoded, feats, targets)
         decoded = self.decode(queries, encoded, feats)
         return self.assemble(decoded, queries, encoded, feats)
 

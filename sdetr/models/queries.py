@@ -13,6 +13,10 @@ one-to-one queries, for the one-to-many branch of hybrid matching (H-DETR, Jia e
 that branch is matched against each image's targets repeated K times, and the two sets do not
 attend to each other. In eval only the Q one-to-one queries exist, so inference, its outputs and
 its FLOPs are those of the detector without the branch.
+
+The detector may append denoising queries after these (:mod:`sdetr.models.denoising`,
+training only) with :meth:`QuerySet.with_denoising`; the layout of a training QuerySet is then
+[one-to-one Q | one-to-many T | denoising G·M].
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from sdetr.models.denoising import DenoisingPlan
 from sdetr.models.heads import make_box_head, make_class_head
 from sdetr.models.neck import FeatureSet
 from sdetr.models.position import box_sine_embedding
@@ -39,6 +44,8 @@ class QuerySet:
     queries): {"pred_logits": (B, N, K), "pred_boxes": (B, N, 4), "class_specific": bool}.
     num_one2one: the first num_one2one of the Q queries are the one-to-one set, the others the
     one-to-many set of hybrid matching (training only); None = all Q are one-to-one.
+    denoising: the plan of the denoising queries, the last ``denoising.num_queries`` of the Q
+    (training only); None = there are none.
     """
 
     tgt: Tensor
@@ -47,22 +54,51 @@ class QuerySet:
     enc_outputs: Optional[dict[str, Any]] = None
     extras: dict[str, Tensor] = field(default_factory=dict)
     num_one2one: Optional[int] = None
+    denoising: Optional[DenoisingPlan] = None
+
+    @property
+    def num_denoising(self) -> int:
+        """Denoising queries at the end of the set (0 when there are none)."""
+        return 0 if self.denoising is None else self.denoising.num_queries
 
     @property
     def one2one_size(self) -> int:
-        """Queries of the one-to-one set: the first ``num_one2one`` (None: all of them); the
-        rest form the one-to-many set."""
-        total = self.tgt.shape[1]
+        """Queries of the one-to-one set: the first ``num_one2one`` (None: all of them but the
+        denoising queries); the rest form the one-to-many and the denoising sets."""
+        total = self.tgt.shape[1] - self.num_denoising
         return total if self.num_one2one is None else min(self.num_one2one, total)
 
+    def with_denoising(self, tgt: Tensor, query_pos: Tensor, reference: Tensor,
+                       plan: DenoisingPlan) -> "QuerySet":
+        """This set with D = ``plan.num_queries`` denoising queries appended: tgt and query_pos
+        (B, D, C), reference (B, D, 4) cx,cy,w,h (cast to this set's dtypes)."""
+        if self.denoising is not None:
+            raise ValueError("this QuerySet already holds denoising queries")
+        if self.reference.shape[-1] != 4 or reference.shape[-1] != 4:
+            raise ValueError("denoising queries need 4-d (box) references")
+        cat = lambda mine, extra: torch.cat((mine, extra.to(mine.dtype)), dim=1)  # noqa: E731
+        return QuerySet(tgt=cat(self.tgt, tgt), query_pos=cat(self.query_pos, query_pos),
+                        reference=cat(self.reference, reference), enc_outputs=self.enc_outputs,
+                        extras=self.extras, num_one2one=self.one2one_size, denoising=plan)
+
+    def group_ids(self) -> Tensor:
+        """(Q_total,) int64: 0 one-to-one, 1 one-to-many, 2 + g denoising group g."""
+        total, first, dn = self.tgt.shape[1], self.one2one_size, self.num_denoising
+        ids = (torch.arange(total, device=self.tgt.device) >= first).long()
+        if dn:
+            pad = self.denoising.pad
+            ids[total - dn:] = 2 + torch.arange(dn, device=ids.device) // pad
+        return ids
+
     def self_attn_mask(self) -> Optional[Tensor]:
-        """(Q_total, Q_total) bool, True = may not attend: the one-to-one and one-to-many sets
-        are blocked from each other; None when there is only the one-to-one set."""
-        total, first = self.tgt.shape[1], self.one2one_size
-        if first == total:
+        """(Q_total, Q_total) bool, True = query i may not attend to query j: each set attends
+        within itself, and denoising queries also to the one-to-one queries (DN-DETR's rule);
+        None when there is only the one-to-one set."""
+        if self.one2one_size == self.tgt.shape[1]:
             return None
-        group = torch.arange(total, device=self.tgt.device) >= first
-        return group[:, None] != group[None, :]
+        ids = self.group_ids()
+        allowed = (ids[:, None] == ids[None, :]) | ((ids[:, None] >= 2) & (ids[None, :] == 0))
+        return ~allowed
 
 
 class LearnedQueries(nn.Module):
@@ -111,6 +147,7 @@ class TopKQueries(nn.Module):
         super().__init__()
         self.num_queries = num_queries
         self.num_one2many = num_one2many
+        self.hidden_dim = hidden_dim
         self.class_specific = class_specific
         self.content_from_memory = content_from_memory
         out_dim = hidden_dim if content_from_memory else 2 * hidden_dim
@@ -135,8 +172,7 @@ class TopKQueries(nn.Module):
         ref_unact = torch.gather(coords, 1, topk.unsqueeze(-1).expand(-1, -1, 4)).detach()
         reference = ref_unact.sigmoid()
         hidden = memory.shape[-1]
-        embed = self.pos_trans_norm(self.pos_trans(box_sine_embedding(reference,
-                                                                      num_pos_feats=hidden // 2)))
+        embed = self.embed_reference(reference)
         if self.content_from_memory:
             query_pos = embed
             tgt = torch.gather(memory, 1, topk.unsqueeze(-1).expand(-1, -1, hidden))
@@ -147,3 +183,14 @@ class TopKQueries(nn.Module):
         return QuerySet(tgt=tgt, query_pos=query_pos, reference=reference,
                         enc_outputs=enc_outputs, extras={"topk_indices": topk},
                         num_one2one=self.num_queries)
+
+    def embed_reference(self, reference: Tensor) -> Tensor:
+        """reference (B, Q, 4) cx,cy,w,h → ``LN(pos_trans(sine(reference)))``: (B, Q, C) with
+        ``content_from_memory``, else (B, Q, 2C) = [positional | content]."""
+        sine = box_sine_embedding(reference, num_pos_feats=self.hidden_dim // 2)
+        return self.pos_trans_norm(self.pos_trans(sine))
+
+    def position_queries(self, reference: Tensor) -> Tensor:
+        """reference (B, Q, 4) → the positional queries (B, Q, C) this selector gives it."""
+        embed = self.embed_reference(reference)
+        return embed if self.content_from_memory else embed[..., :embed.shape[-1] // 2]

@@ -9,8 +9,8 @@ what needs both the encoder's selection and the decoder's cross-attention of the
 * ``metrics``: the Corr metric (share of decoder attention on selected tokens), train and eval;
 * ``backbone_outputs``: the objectness scorer's predictions over all tokens (OS criterion only).
 
-With hybrid matching the DAM (its loss and Corr) comes from the one-to-one queries only, the
-queries that exist at inference.
+With hybrid matching or denoising queries the DAM (its loss and Corr) comes from the one-to-one
+queries only, the queries that exist at inference.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any, Optional
 from torch import nn
 
 from sdetr.models.decoder import DecoderOutput, DeformableDecoder
+from sdetr.models.denoising import DenoisingQueries
 from sdetr.models.detector import DeformableDETR, EncoderOutput
 from sdetr.models.heads import HeadStack
 from sdetr.models.neck import FeatureSet, InputProjection
@@ -46,10 +47,11 @@ class SparseDETR(DeformableDETR):
                  query_selector: nn.Module, decoder: DeformableDecoder, heads: HeadStack, *,
                  num_levels: int, hidden_dim: int, proposals: Optional[ProposalProjection] = None,
                  box_refine: bool = False, aux_loss: bool = True, dam_loss: bool = True,
-                 track_corr: bool = True, dam_backend: Optional[str] = None) -> None:
+                 track_corr: bool = True, dam_backend: Optional[str] = None,
+                 denoiser: Optional[DenoisingQueries] = None) -> None:
         super().__init__(backbone, input_proj, encoder, query_selector, decoder, heads,
                          num_levels=num_levels, hidden_dim=hidden_dim, proposals=proposals,
-                         box_refine=box_refine, aux_loss=aux_loss)
+                         box_refine=box_refine, aux_loss=aux_loss, denoiser=denoiser)
         self.dam_loss = dam_loss
         self.track_corr = track_corr
         self.dam_backend = dam_backend

@@ -1,0 +1,168 @@
+"""Denoising queries (DN-DETR): noise, layout, attention mask, isolation, loss, eval."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import micro_config, two_images
+from sdetr.config import ConfigError, load_config
+from sdetr.engine.steps import forward
+from sdetr.models import build
+from sdetr.models.criterion import build_weight_dict
+from sdetr.models.denoising import DenoisingPlan, noise_boxes, noise_labels
+from sdetr.models.queries import QuerySet
+
+DN = ["model.dn_groups=3"]
+
+
+def _built(preset: str, *extra: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return build(micro_config(preset, *extra).model)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.dn_groups=-1", "model.dn_groups"),
+    ("model.dn_label_noise=1.5", "model.dn_label_noise"),
+    ("model.dn_box_noise=-0.1", "model.dn_box_noise"),
+    ("model.loss.dn_coef=0", "model.loss.dn_coef"),
+])
+def test_impossible_settings_fail_at_load_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("sparse_detr_tiny", [override])
+
+
+def test_learned_queries_refuse_denoising():
+    with pytest.raises(ConfigError, match=r"model\.dn_groups: .*'learned'"):
+        load_config("deformable_detr_tiny", DN)
+
+
+def test_plan_assigns_query_g_m_plus_j_to_target_j():
+    plan = DenoisingPlan(groups=2, pad=3, counts=(2, 0, 3))
+    (q0, t0), (q1, t1), (q2, t2) = plan.indices()
+    assert q0.tolist() == [0, 1, 3, 4] and t0.tolist() == [0, 1, 0, 1]
+    assert q1.numel() == 0 and t1.numel() == 0
+    assert q2.tolist() == [0, 1, 2, 3, 4, 5] and t2.tolist() == [0, 1, 2, 0, 1, 2]
+    assert plan.num_queries == 6
+
+
+def test_box_noise_stays_within_its_bounds():
+    torch.manual_seed(0)
+    boxes = torch.tensor([[0.5, 0.5, 0.2, 0.4]]).repeat(2000, 1)
+    noised = noise_boxes(boxes, 0.4)
+    shift = (noised[:, :2] - boxes[:, :2]).abs()
+    assert bool((shift <= 0.4 * boxes[:, 2:] / 2 + 1e-6).all())
+    ratio = noised[:, 2:] / boxes[:, 2:]
+    assert bool(((ratio >= 0.6 - 1e-6) & (ratio <= 1.4 + 1e-6)).all())
+    assert float(shift.max()) > 0.035 and float(ratio.min()) < 0.65, "the noise spans its range"
+    assert torch.equal(noise_boxes(boxes, 0.0), boxes)
+    assert bool(((noise_boxes(torch.tensor([[0.99, 0.01, 0.5, 0.5]]), 1.0) >= 0)
+                 & (noise_boxes(torch.tensor([[0.99, 0.01, 0.5, 0.5]]), 1.0) <= 1)).all())
+
+
+def test_label_noise_flips_about_the_given_share():
+    torch.manual_seed(0)
+    labels = torch.full((20000,), 7)
+    flipped = (noise_labels(labels, 24, 0.2) != 7).float().mean().item()
+    assert 0.2 * 23 / 24 - 0.02 < flipped < 0.2 * 23 / 24 + 0.02
+    assert torch.equal(noise_labels(labels, 24, 0.0), labels)
+
+
+def test_mask_isolates_groups_and_lets_denoising_see_the_matching_queries():
+    plan = DenoisingPlan(groups=2, pad=1, counts=(1,))
+    base = QuerySet(tgt=torch.zeros(1, 2, 8), query_pos=torch.zeros(1, 2, 8),
+                    reference=torch.zeros(1, 2, 4), num_one2one=2)
+    queries = base.with_denoising(torch.ones(1, 2, 8), torch.ones(1, 2, 8),
+                                  torch.full((1, 2, 4), 0.5), plan)
+    assert queries.one2one_size == 2 and queries.num_denoising == 2
+    blocked = queries.self_attn_mask()
+    expected = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 0, 1], [0, 0, 1, 0]],
+                            dtype=torch.bool)
+    assert torch.equal(blocked, expected)
+
+
+@pytest.mark.parametrize("preset", ["sparse_detr_tiny", "deformable_detr_two_stage_tiny"])
+def test_matching_predictions_do_not_see_the_denoising_queries(preset):
+    """Training outputs of the matching queries equal those of the same forward without
+    targets (no denoising queries): the self-attention mask isolates them."""
+    model = _built(preset, *DN).model.train()
+    images, masks, targets = two_images()
+    with_dn = model(images, masks, targets=targets)
+    dn = with_dn["dn_outputs"]
+    assert dn["pred_logits"].shape == (2, 3 * 2, 24) and len(dn["aux_outputs"]) == 1
+    assert dn["plan"] == DenoisingPlan(groups=3, pad=2, counts=(2, 1))
+    without = model(images, masks)
+    assert "dn_outputs" not in without
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(with_dn[key], without[key], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(with_dn["aux_outputs"][0][key],
+                                   without["aux_outputs"][0][key], rtol=1e-5, atol=1e-5)
+    if "extra_losses" in without:
+        torch.testing.assert_close(with_dn["extra_losses"]["loss_dam"],
+                                   without["extra_losses"]["loss_dam"], rtol=1e-5, atol=1e-6)
+
+
+def test_denoising_queries_start_from_the_noised_targets():
+    model = _built("sparse_detr_tiny", *DN, "model.dn_box_noise=0.0",
+                   "model.dn_label_noise=0.0").model.train()
+    images, masks, targets = two_images()
+    feats = model.extract(images, masks)
+    queries = model.select_queries(model.encode(feats), feats, targets)
+    dn_ref = queries.reference[:, queries.tgt.shape[1] - queries.num_denoising:]
+    for group in range(3):
+        torch.testing.assert_close(dn_ref[0, 2 * group:2 * group + 2], targets[0]["boxes"])
+        torch.testing.assert_close(dn_ref[1, 2 * group], targets[1]["boxes"][0])
+    label_rows = model.denoiser.label_embed.weight
+    first = queries.tgt[0, queries.tgt.shape[1] - queries.num_denoising]
+    torch.testing.assert_close(first, label_rows[targets[0]["labels"][0]])
+
+
+def test_denoising_loss_uses_the_fixed_assignment():
+    built = _built("sparse_detr_tiny", *DN)
+    criterion = built.criterion
+    images, masks, targets = two_images()
+    out = built.model.train()(images, masks, targets=targets)
+    losses = criterion(out, targets)
+    dn = out["dn_outputs"]
+    num_boxes = torch.tensor(3.0 * 3)  # 3 targets in 3 groups
+    by_hand = criterion.assigned_losses(dn, targets, dn["plan"].indices(), num_boxes, "_dn")
+    for key in ("loss_ce_dn", "loss_bbox_dn", "loss_giou_dn"):
+        torch.testing.assert_close(losses[key], by_hand[key])
+    assert "loss_ce_dn_0" in losses and criterion.weight_dict["loss_bbox_dn_0"] == 5.0
+    # a perfect reconstruction has zero box losses
+    perfect = dict(dn)
+    boxes = dn["pred_boxes"].detach().clone()
+    for b, (q, t) in enumerate(dn["plan"].indices()):
+        boxes[b, q] = targets[b]["boxes"][t]
+    perfect["pred_boxes"] = boxes
+    exact = criterion.assigned_losses(perfect, targets, dn["plan"].indices(), num_boxes, "_dn")
+    assert float(exact["loss_bbox_dn"]) == 0.0 and float(exact["loss_giou_dn"]) < 1e-6
+    criterion.total_loss(losses).backward()
+    assert built.model.denoiser.label_embed.weight.grad.abs().sum() > 0
+
+
+def test_loss_refuses_a_plan_of_other_targets():
+    built = _built("sparse_detr_tiny", *DN)
+    images, masks, targets = two_images()
+    out = built.model.train()(images, masks, targets=targets)
+    with pytest.raises(ValueError, match="dn_outputs were built for"):
+        built.criterion(out, [targets[1], targets[0]])
+
+
+def test_weight_dict_scales_the_denoising_keys():
+    weights = build_weight_dict(num_dec_aux=1, has_enc=True, num_enc_aux=0, dn_coef=0.5)
+    assert weights["loss_ce_dn"] == 1.0 and weights["loss_bbox_dn_0"] == 2.5
+    assert "loss_ce_enc_dn" not in weights
+
+
+def test_eval_has_no_denoising_queries_and_the_training_step_passes_targets():
+    built = _built("sparse_detr_tiny", *DN)
+    images, masks, targets = two_images()
+    model = built.model
+    with torch.no_grad():
+        assert "dn_outputs" not in model.eval()(images, masks, targets=targets)
+    out = forward(model.train(), images, masks, torch.bfloat16, targets)
+    assert out["dn_outputs"]["pred_boxes"].dtype == torch.float32
+    plain = _built("sparse_detr_tiny").model
+    missing = set(model.state_dict()) - set(plain.state_dict())
+    assert missing == {"denoiser.label_embed.weight"}
