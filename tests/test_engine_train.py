@@ -193,6 +193,38 @@ def test_eval_every_steps_adds_a_finer_curve_and_leaves_training_alone(base_run,
     assert [v for _, v in ours] == pytest.approx([v for _, v in ref], rel=1e-6)
 
 
+def test_ema_is_evaluated_and_saved_and_survives_a_resume(base_run, tmp_path, data_root):
+    """train.ema_decay: training is unchanged, the saved and evaluated weights are the
+    average (not the raw weights), and a run resumed from its epoch-1 checkpoint ends with
+    the same average as the uninterrupted run."""
+    cfg = run_config(data_root, tmp_path / "runs", "name=ema", "train.ema_decay=0.5",
+                     "train.keep_checkpoints=2")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = train_in(tmp_path, cfg, uri)
+    ours = history(uri, result.mlflow_run_id, "train/loss")
+    ref = history(base_run.uri, base_run.result.mlflow_run_id, "train/loss")
+    assert [v for _, v in ours] == pytest.approx([v for _, v in ref], rel=1e-6)
+    run_dir = tmp_path / "runs" / "ema"
+    final = torch.load(result.model_path, map_location="cpu", weights_only=True)["model"]
+    raw = torch.load(base_run.result.model_path, map_location="cpu", weights_only=True)["model"]
+    assert not all(torch.equal(final[k], raw[k]) for k in raw)  # the average, not the weights
+    first = torch.load(run_dir / "checkpoints" / "epoch_0001" / ckpt.MODEL_FILE,
+                       map_location="cpu", weights_only=True)["model"]
+    assert not all(torch.equal(final[k], first[k]) for k in first)
+    # undo epoch 2, then the same command resumes from epoch 1 with its saved average
+    import shutil
+    shutil.rmtree(run_dir / "checkpoints" / "epoch_0002")
+    (run_dir / "checkpoints" / "latest").write_text("epoch_0001\n")
+    for name in ("result.json", "model_final.pth"):
+        (run_dir / name).unlink()
+    again = train_in(tmp_path, cfg, uri)
+    assert again.status == "finished"
+    resumed = torch.load(again.model_path, map_location="cpu", weights_only=True)["model"]
+    for key, value in final.items():
+        assert torch.equal(resumed[key], value), key
+    assert again.metrics == result.metrics
+
+
 def test_cosine_schedule_is_stepped_after_every_optimizer_step(tmp_path, data_root):
     cfg = run_config(data_root, tmp_path / "runs", "name=cos", "train.lr_schedule=cosine")
     uri = f"sqlite:///{tmp_path}/mlflow.db"

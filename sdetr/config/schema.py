@@ -316,6 +316,10 @@ class TrainConfig:
     step = optimizer steps done, with ``eval_steps/train_min`` = training minutes so far (the
     evaluations' own time excluded): a learning curve finer than one point per epoch.
 
+    ``ema_decay``: keep an exponential moving average of the weights with this decay (with a
+    warm-up, see :mod:`sdetr.engine.ema`) and evaluate, profile and save it instead of the raw
+    weights, which the optimizer keeps training; None = off.
+
     ``deepspeed_config``: optional path to a DeepSpeed JSON file whose settings are merged over
     the config the engine generates (e.g. ``zero_optimization.overlap_comm``, bucket sizes,
     ``communication_data_type``); a relative path is resolved against the current working
@@ -347,6 +351,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_every: int = 1
     eval_every_steps: Optional[int] = None
+    ema_decay: Optional[float] = None
     deepspeed_config: Optional[str] = None
 
     def validate(self, prefix: str = "train") -> None:
@@ -365,6 +370,8 @@ class TrainConfig:
                               f"{self.eval_every_steps}")
         if self.zero_stage not in (0, 1, 2):
             raise ConfigError(f"{prefix}.zero_stage: must be 0, 1 or 2, got {self.zero_stage}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"{prefix}.ema_decay: must be in (0, 1), got {self.ema_decay}")
         per_step = self.micro_batch_size * self.workers
         if self.batch_size % per_step:
             raise ConfigError(f"{prefix}.batch_size: total batch {self.batch_size} is not a "

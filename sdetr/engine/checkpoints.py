@@ -36,6 +36,7 @@ from torch import nn
 
 from sdetr.config import ExperimentConfig, ModelConfig
 from sdetr.engine.distributed import DistContext, barrier, rng_state, set_rng_state
+from sdetr.engine.ema import WeightEma
 from sdetr.models import CheckpointError, load_model_weights, save_model_weights
 from sdetr.utils.io import atomic_write_text
 
@@ -146,10 +147,13 @@ def prune(ckpt_dir: Path, keep: int) -> list[Path]:
 
 
 def save_checkpoint(engine: Any, ckpt_dir: Path, state: TrainState, *, scheduler: Any,
-                    model_cfg: ModelConfig, ctx: DistContext, keep: int) -> Path:
+                    model_cfg: ModelConfig, ctx: DistContext, keep: int,
+                    ema: Optional[WeightEma] = None) -> Path:
     """Write the checkpoint after ``state.epoch`` epochs; a collective (every rank calls it).
 
-    Returns the final folder. See the module docstring for the layout and atomicity.
+    With ``ema`` its average goes into the client state and is what ``model.pth`` holds (the
+    weights the run evaluates). Returns the final folder. See the module docstring for the
+    layout and atomicity.
     """
     tag = checkpoint_tag(state.epoch)
     partial = ckpt_dir / f"{PARTIAL_PREFIX}{tag}"
@@ -160,13 +164,16 @@ def save_checkpoint(engine: Any, ckpt_dir: Path, state: TrainState, *, scheduler
     barrier()
     client_state = {"train_state": dataclasses.asdict(state),
                     "scheduler": scheduler.state_dict()}
+    if ema is not None:
+        client_state["ema"] = ema.state_dict()
     engine.save_checkpoint(str(partial), tag=DS_TAG, client_state=client_state,
                            save_latest=False)
     torch.save(rng_state(), partial / f"rng_rank{ctx.rank}.pt")
     barrier()
     final = ckpt_dir / tag
     if ctx.is_main:
-        save_model_weights(partial / MODEL_FILE, engine.module, model_cfg)
+        save_model_weights(partial / MODEL_FILE, engine.module if ema is None else ema.module,
+                           model_cfg)
         meta = {"format": FORMAT, "tag": tag, "state": dataclasses.asdict(state)}
         atomic_write_text(partial / META, json.dumps(meta, indent=2))
         if final.exists():  # re-done epoch (resume from an older checkpoint)
@@ -181,11 +188,13 @@ def save_checkpoint(engine: Any, ckpt_dir: Path, state: TrainState, *, scheduler
 
 
 def load_checkpoint(engine: Any, info: CheckpointInfo, *, scheduler: Any,
-                    ctx: DistContext) -> TrainState:
-    """Restore model, optimizer, scheduler and this rank's RNG state from ``info``.
+                    ctx: DistContext, ema: Optional[WeightEma] = None) -> TrainState:
+    """Restore model, optimizer, scheduler, the weight average (with ``ema``) and this rank's
+    RNG state from ``info``.
 
     Raises CheckpointError when a ZeRO (stage >= 1) checkpoint was written by another number
-    of workers (its optimizer partitions do not fit).
+    of workers (its optimizer partitions do not fit), and when ``ema`` is given but the
+    checkpoint has no average (a run started without ``train.ema_decay``).
     """
     state = info.state
     if state.world_size != ctx.world_size and state.zero_stage > 0:
@@ -198,6 +207,11 @@ def load_checkpoint(engine: Any, info: CheckpointInfo, *, scheduler: Any,
     if load_path is None:
         raise CheckpointError(f"checkpoint {info.path}: DeepSpeed could not load {DS_TAG}/")
     scheduler.load_state_dict(client["scheduler"])
+    if ema is not None:
+        if "ema" not in client:
+            raise CheckpointError(f"checkpoint {info.path} holds no weight average: it was "
+                                  "written without train.ema_decay")
+        ema.load_state_dict(client["ema"])
     rng_file = info.path / f"rng_rank{ctx.rank}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))

@@ -37,6 +37,7 @@ from sdetr.engine.deepspeed_engine import autocast_dtype, deepspeed_config, init
 from sdetr.engine.distributed import (DistContext, all_gather_object, current_context,
                                       log_to_file, one_line, rng_state, run_on_main,
                                       seed_everything, set_rng_state)
+from sdetr.engine.ema import WeightEma
 from sdetr.engine.evaluate import evaluate, evaluate_rho_sweep, metrics_for_logging
 from sdetr.engine.optim import build_lr_schedule, build_optimizer, group_lrs
 from sdetr.engine.profile_stage import run_profile_stage
@@ -121,6 +122,8 @@ class Trainer:
         self.ds_config = deepspeed_config(train, ctx.world_size)
         self.accumulation = self.ds_config["gradient_accumulation_steps"]
         self.engine = initialize_engine(model, optimizer, self.ds_config, use_gpu=args.use_gpu)
+        self.ema = (WeightEma(self.engine.module, train.ema_decay)
+                    if train.ema_decay is not None else None)
         seed_everything(train.seed + ctx.rank)
         dataset = build_dataset(cfg.data, "train")
         if dataset.num_classes > cfg.model.num_classes:
@@ -177,7 +180,7 @@ class Trainer:
         if info is None:
             return
         self.state = ckpt.load_checkpoint(self.engine, info, scheduler=self.scheduler,
-                                          ctx=self.ctx)
+                                          ctx=self.ctx, ema=self.ema)
         self.state.world_size = self.ctx.world_size
         if info.path.parent.resolve() != self.ckpt_dir.resolve():
             self.state.mlflow_run_id = None  # another run's checkpoint: a new MLflow run
@@ -254,7 +257,7 @@ class Trainer:
             self._evaluate_and_log()
         ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.state, scheduler=self.scheduler,
                              model_cfg=self.cfg.model, ctx=self.ctx,
-                             keep=self.cfg.train.keep_checkpoints)
+                             keep=self.cfg.train.keep_checkpoints, ema=self.ema)
 
     def _log(self, metrics: dict[str, float]) -> None:
         self.tracker.log_metrics(metrics, self.state.epoch)
@@ -275,6 +278,8 @@ class Trainer:
         with ``train.eval_every_steps``)."""
         if self.schedule_per_step:
             self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.engine.module, self.state.global_step + step_in_epoch)
         if self.cfg.train.eval_every_steps:
             self._mid_epoch_eval(step_in_epoch)
 
@@ -359,10 +364,15 @@ class Trainer:
         model = self._eval_model()
         if not self.cfg.eval.fold_bn:
             return model
-        return fold_batch_norm(model, inplace=model is not self.engine.module)[0]
+        owned = model is not self.engine.module and (self.ema is None
+                                                     or model is not self.ema.module)
+        return fold_batch_norm(model, inplace=owned)[0]
 
     def _eval_model(self) -> torch.nn.Module:
-        """The trained module in fp32 (a float copy when DeepSpeed holds it in bf16)."""
+        """The trained module in fp32 (a float copy when DeepSpeed holds it in bf16), or its
+        weight average with ``train.ema_decay``."""
+        if self.ema is not None:
+            return self.ema.module
         module = self.engine.module
         if next(module.parameters()).dtype == torch.float32:
             return module
