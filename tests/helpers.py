@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from sdetr.config import ExperimentConfig, load_config
@@ -14,6 +16,21 @@ MICRO = ["model.hidden_dim=64", "model.nheads=4", "model.dim_feedforward=128",
 
 def micro_config(preset: str, *extra: str) -> ExperimentConfig:
     return load_config(preset, [*MICRO, *extra])
+
+
+def build_micro(preset: str, *extra: str, seed: int = 0):
+    """``sdetr.models.build`` of the micro config of ``preset`` (+ overrides), seeded."""
+    from sdetr.models import build
+    torch.manual_seed(seed)
+    return build(micro_config(preset, *extra).model)
+
+
+def refused_at_load(preset: str, override: str, key: str) -> None:
+    """Assert that loading ``preset`` with ``override`` raises a ConfigError naming ``key``."""
+    import pytest
+    from sdetr.config import ConfigError
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(preset, [override])
 
 
 def two_images(height: int = 64, width: int = 80) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
@@ -34,3 +51,15 @@ def two_images(height: int = 64, width: int = 80) -> tuple[torch.Tensor, torch.T
             images[i, c % 3, y0:y1, x0:x1] += 2.0
     targets = [{"labels": lbl, "boxes": bxs} for bxs, lbl in zip(boxes, labels)]
     return images, masks, targets
+
+
+def assert_same_matching_outputs(a: dict, b: dict) -> None:
+    """The one-to-one predictions (final and first aux layer) and the DAM loss of two forward
+    outputs agree (the queries added in one of them did not leak into the others)."""
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a["aux_outputs"][0][key], b["aux_outputs"][0][key],
+                                   rtol=1e-5, atol=1e-5)
+    if "extra_losses" in b:
+        torch.testing.assert_close(a["extra_losses"]["loss_dam"], b["extra_losses"]["loss_dam"],
+                                   rtol=1e-5, atol=1e-6)
