@@ -220,7 +220,8 @@ def test_each_token_criterion_trains_one_step(selection):
     built = _tiny(f"model.token_selection={selection}")
     model, criterion = built.model.train(), built.criterion
     images, masks = _batch()
-    losses = criterion(model(images, masks), _targets())
+    targets = _targets()
+    losses = criterion(model(images, masks, targets=targets), targets)
     total = criterion.total_loss(losses)
     assert torch.isfinite(total)
     assert ("loss_dam" in losses) == (selection == "dam")

@@ -86,8 +86,11 @@ class DenoisingQueries(nn.Module):
         groups: G ≥ 1.
         label_noise: probability of a label flip, in [0, 1].
         box_noise: λ ≥ 0 of the box noise.
-    Submodule ``label_embed`` (K, C): the content query of a noised label.
+    Submodule ``label_embed`` (K, C): the content query of a noised label. Marked
+    ``training_only``: inference parameter counts leave it out.
     """
+
+    training_only = True
 
     def __init__(self, num_classes: int, hidden_dim: int, groups: int, label_noise: float,
                  box_noise: float) -> None:
