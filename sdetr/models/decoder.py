@@ -34,18 +34,10 @@ class DecoderOutput:
     sampling_locations: torch.Tensor
     attention_weights: torch.Tensor
 
-    def take(self, start: int, stop: int) -> "DecoderOutput":
-        """Queries [start, stop) of every field."""
-        return self._select(slice(start, stop))
-
-    def split(self, first: int) -> tuple["DecoderOutput", "DecoderOutput | None"]:
-        """(queries [0, first), queries [first, Q)) of every field; the second is None when
-        ``first`` covers all Q queries (no one-to-many set)."""
-        if first >= self.hidden_states.shape[2]:
-            return self, None
-        return self._select(slice(0, first)), self._select(slice(first, None))
-
-    def _select(self, queries: slice) -> "DecoderOutput":
+    def take(self, queries: slice) -> "DecoderOutput":
+        """The given queries (a slice of Q) of every field; ``self`` when it covers all Q."""
+        if queries.indices(self.hidden_states.shape[2]) == (0, self.hidden_states.shape[2], 1):
+            return self
         return DecoderOutput(
             hidden_states=self.hidden_states[:, :, queries],
             references=tuple(r[:, queries] for r in self.references),

@@ -139,14 +139,12 @@ class DeformableDETR(nn.Module):
     def assemble(self, decoded: DecoderOutput, queries: QuerySet, encoded: EncoderOutput,
                  feats: FeatureSet) -> dict[str, Any]:
         """Per-layer predictions → the output dict described in the module docstring."""
-        total, dn = decoded.hidden_states.shape[2], queries.num_denoising
-        one2one, one2many = (decoded.take(0, total - dn) if dn else decoded).split(
-            queries.one2one_size)
-        out = self.prediction_sets(one2one)
-        if one2many is not None:
-            out["one2many_outputs"] = self.prediction_sets(one2many)
-        if dn:
-            out["dn_outputs"] = {**self.prediction_sets(decoded.take(total - dn, total)),
+        one2one, one2many, dn = queries.ranges()
+        out = self.prediction_sets(decoded.take(one2one))
+        if one2many.stop > one2many.start:
+            out["one2many_outputs"] = self.prediction_sets(decoded.take(one2many))
+        if queries.denoising is not None:
+            out["dn_outputs"] = {**self.prediction_sets(decoded.take(dn)),
                                  "plan": queries.denoising}
         if queries.enc_outputs is not None:
             out["enc_outputs"] = queries.enc_outputs

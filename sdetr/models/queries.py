@@ -81,13 +81,19 @@ class QuerySet:
                         reference=cat(self.reference, reference), enc_outputs=self.enc_outputs,
                         extras=self.extras, num_one2one=self.one2one_size, denoising=plan)
 
+    def ranges(self) -> tuple[slice, slice, slice]:
+        """Where the sets sit among the Q_total queries: (one-to-one, one-to-many, denoising);
+        an absent set is an empty slice."""
+        first, dn_start = self.one2one_size, self.tgt.shape[1] - self.num_denoising
+        return slice(0, first), slice(first, dn_start), slice(dn_start, self.tgt.shape[1])
+
     def group_ids(self) -> Tensor:
         """(Q_total,) int64: 0 one-to-one, 1 one-to-many, 2 + g denoising group g."""
-        total, first, dn = self.tgt.shape[1], self.one2one_size, self.num_denoising
-        ids = (torch.arange(total, device=self.tgt.device) >= first).long()
-        if dn:
-            pad = self.denoising.pad
-            ids[total - dn:] = 2 + torch.arange(dn, device=ids.device) // pad
+        _, one2many, dn = self.ranges()
+        ids = torch.zeros(self.tgt.shape[1], dtype=torch.int64, device=self.tgt.device)
+        ids[one2many] = 1
+        if self.denoising is not None:
+            ids[dn] = 2 + torch.arange(dn.stop - dn.start, device=ids.device) // self.denoising.pad
         return ids
 
     def self_attn_mask(self) -> Optional[Tensor]:

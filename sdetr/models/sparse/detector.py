@@ -59,7 +59,7 @@ class SparseDETR(DeformableDETR):
     def assemble(self, decoded: DecoderOutput, queries: QuerySet, encoded: EncoderOutput,
                  feats: FeatureSet) -> dict[str, Any]:
         out = super().assemble(decoded, queries, encoded, feats)
-        decoded = decoded.split(queries.one2one_size)[0]  # the DAM of the one-to-one queries
+        decoded = decoded.take(queries.ranges()[0])  # the DAM of the one-to-one queries
         if "backbone_outputs" in encoded.extras:
             out["backbone_outputs"] = encoded.extras["backbone_outputs"]
         with_loss = self.training and self.dam_loss
