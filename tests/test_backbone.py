@@ -277,3 +277,28 @@ def test_swin_window_attention_follows_official_pad_then_shift(swin: SwinBackbon
     x = torch.randn(2, 11, 9, 96, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(block._attn(x), _official_shifted_window_attention(block, x))
+
+
+def test_zero_init_residual_starts_every_block_as_the_identity() -> None:
+    """model.backbone.zero_init_residual: the last BN of every block starts at weight 0, so a
+    block's output is relu(shortcut); the default keeps torchvision's weight 1."""
+    from sdetr.config import ConfigError, load_config
+    from sdetr.models.backbone import build_backbone
+
+    zero = build_backbone("resnet18", frozen_bn=False, train_all=True, zero_init_residual=True)
+    plain = build_backbone("resnet18", frozen_bn=False, train_all=True)
+    for name, stage in zero.body.named_children():
+        if name.startswith("layer"):
+            for block in stage:
+                assert float(block.bn2.weight.detach().abs().sum()) == 0.0
+                assert float(block.bn1.weight.detach().abs().sum()) > 0.0
+    assert float(plain.body.layer1[0].bn2.weight.detach().abs().sum()) > 0.0
+    block = zero.body.layer1[0].eval()
+    x = torch.randn(1, 64, 8, 8).relu()
+    torch.testing.assert_close(block(x), x)  # no downsample: identity shortcut
+    assert load_config("sparse_detr_tiny", ["model.backbone.zero_init_residual=true"])
+    with pytest.raises(ConfigError, match="zero_init_residual"):
+        load_config("sparse_detr_swint", ["model.backbone.zero_init_residual=true"])
+    with pytest.raises(ConfigError, match="zero_init_residual"):
+        load_config("sparse_detr_tiny", ["model.backbone.zero_init_residual=true",
+                                         "model.backbone.weights=w.pth"])

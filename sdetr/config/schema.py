@@ -22,6 +22,7 @@ EncoderKind = Literal["dense", "sparse", "interleaved", "sparse_interleaved"]
 TokenSelection = Literal["dam", "objectness", "random"]
 AttentionKind = Literal["deformable", "key_aware"]
 LiteVariant = Literal["paper", "code"]
+ClsLoss = Literal["focal", "varifocal"]
 KernelBackend = Literal["auto", "reference", "compiled"]
 Precision = Literal["fp32", "bf16", "bf16-mixed", "auto"]
 LrSchedule = Literal["step", "cosine"]
@@ -43,6 +44,9 @@ class BackboneConfig:
     frozen_bn: bool = True
     train_all: bool = False
     drop_path_rate: float = 0.2
+    # ResNets: every residual block's last BatchNorm starts at weight 0 (the block starts as
+    # the identity; Goyal et al. 2017), for from-scratch training with trainable BatchNorm
+    zero_init_residual: bool = False
 
 
 @dataclass
@@ -60,6 +64,8 @@ class LossConfig:
     cost_giou: float = 2.0
     one2many_coef: float = 1.0  # weight of the one-to-many set's losses (model.one2many_queries)
     dn_coef: float = 1.0  # weight of the denoising queries' losses (model.dn_groups)
+    # focal: one-hot targets (the papers); varifocal: a matched query's target is its box's IoU
+    cls_loss: ClsLoss = "focal"
 
 
 @dataclass
@@ -164,6 +170,12 @@ class ModelConfig:
         self._validate_denoising(prefix)
         if self.backbone.name != "swin_t" and self.backbone.drop_path_rate != 0.2:
             raise ConfigError(f"{prefix}.backbone.drop_path_rate: only used by swin_t")
+        if self.backbone.name == "swin_t" and self.backbone.zero_init_residual:
+            raise ConfigError(f"{prefix}.backbone.zero_init_residual: only for ResNets "
+                              "(swin_t has no residual BatchNorm)")
+        if self.backbone.zero_init_residual and self.backbone.weights is not None:
+            raise ConfigError(f"{prefix}.backbone.zero_init_residual: an init for from-scratch "
+                              f"training; {prefix}.backbone.weights would overwrite it")
 
     def _validate_one2many(self, prefix: str) -> None:
         """Rules of hybrid matching's one-to-many branch."""

@@ -69,18 +69,32 @@ def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     return iou - (hull - union) / hull
 
 
-def elementwise_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """Generalised IoU of matched xyxy pairs boxes1 (N, 4) and boxes2 (N, 4) -> (N,).
-
-    Equals ``generalized_box_iou(boxes1, boxes2).diag()`` without building the (N, N) matrix.
-    """
+def _elementwise_inter_union(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
+    """Intersection and union areas of matched xyxy pairs (N, 4), (N, 4) -> two (N,)."""
     _check_xyxy(boxes1, "boxes1")
     _check_xyxy(boxes2, "boxes2")
     if boxes1.shape != boxes2.shape:
         raise ValueError(f"boxes1 {tuple(boxes1.shape)} and boxes2 {tuple(boxes2.shape)} differ in shape")
     inter_wh = (torch.min(boxes1[:, 2:], boxes2[:, 2:]) - torch.max(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
     inter = inter_wh[:, 0] * inter_wh[:, 1]
-    union = box_area(boxes1) + box_area(boxes2) - inter
+    return inter, box_area(boxes1) + box_area(boxes2) - inter
+
+
+def elementwise_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """IoU of matched xyxy pairs boxes1 (N, 4) and boxes2 (N, 4) -> (N,) in [0, 1].
+
+    Equals ``box_iou(boxes1, boxes2).diag()`` without building the (N, N) matrix.
+    """
+    inter, union = _elementwise_inter_union(boxes1, boxes2)
+    return inter / union
+
+
+def elementwise_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """Generalised IoU of matched xyxy pairs boxes1 (N, 4) and boxes2 (N, 4) -> (N,).
+
+    Equals ``generalized_box_iou(boxes1, boxes2).diag()`` without building the (N, N) matrix.
+    """
+    inter, union = _elementwise_inter_union(boxes1, boxes2)
     hull_wh = (torch.max(boxes1[:, 2:], boxes2[:, 2:]) - torch.min(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
     hull = hull_wh[:, 0] * hull_wh[:, 1]
     return inter / union - (hull - union) / hull

@@ -58,7 +58,8 @@ def build_model(cfg: ModelConfig, *, kernel_backend: Optional[str] = None) -> De
     resolve_backend(attention_op(cfg), backend)  # fail now, naming the backend, if unavailable
     bb = cfg.backbone
     backbone = build_backbone(bb.name, frozen_bn=bb.frozen_bn, weights=bb.weights,
-                              drop_path_rate=bb.drop_path_rate, train_all=bb.train_all)
+                              drop_path_rate=bb.drop_path_rate, train_all=bb.train_all,
+                              zero_init_residual=bb.zero_init_residual)
     dec_layer = DeformableDecoderLayer(cfg.hidden_dim, cfg.dim_feedforward, cfg.dropout,
                                        attn=build_attention(cfg, cfg.dec_n_points, backend))
     # §6.5: heads are independent copies with box refinement or encoder auxiliary heads.
@@ -167,7 +168,8 @@ def build_criterion(cfg: ModelConfig) -> SetCriterion:
         dn_coef=loss.dn_coef if cfg.dn_groups else 0.0,
     )
     return SetCriterion(cfg.num_classes, matcher, weights, focal_alpha=loss.focal_alpha,
-                        one2many_repeats=cfg.one2many_repeats if cfg.one2many_queries else 0)
+                        one2many_repeats=cfg.one2many_repeats if cfg.one2many_queries else 0,
+                        cls_loss=loss.cls_loss)
 
 
 def _extra_weights(cfg: ModelConfig) -> dict[str, float]:

@@ -28,12 +28,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdetr.models.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
+from sdetr.models.box_ops import (box_cxcywh_to_xyxy, elementwise_box_iou,
+                                  elementwise_generalized_box_iou)
 from sdetr.models.matcher import HungarianMatcher, MatchIndices, Target, upcast_to_fp32
 
 logger = logging.getLogger(__name__)
 
 SET_LOSS_NAMES = ("loss_ce", "loss_bbox", "loss_giou")
+CLS_LOSSES = ("focal", "varifocal")
 
 
 def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
@@ -49,6 +51,21 @@ def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gam
     if alpha >= 0:
         loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
     return loss
+
+
+def varifocal_loss(logits: Tensor, quality: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Element-wise varifocal loss (VarifocalNet; RT-DETR's ``loss_vfl``); no reduction.
+
+    logits (..., K); quality (..., K) in [0, 1]: the IoU of the matched query's box with its
+    target at the target's class, 0 everywhere else. Positives (quality > 0) are trained
+    towards their quality with BCE weighted by it; negatives are focal,
+    ``(1 - alpha) p^gamma BCE(logits, 0)`` (the focal loss's negative term), so the score of
+    a well-placed box is pushed up and that of a badly placed one is not.
+    """
+    prob = logits.sigmoid()
+    positive = (quality > 0).to(logits.dtype)
+    weight = (1 - alpha) * prob.detach().pow(gamma) * (1 - positive) + quality
+    return F.binary_cross_entropy_with_logits(logits, quality, weight=weight, reduction="none")
 
 
 def normalised_num_boxes(targets: list[Target], device: torch.device) -> Tensor:
@@ -126,7 +143,9 @@ class SetCriterion(nn.Module):
     classes / num_boxes (unmatched queries have all-zero targets); ``loss_bbox`` = sum of L1 over
     matched pairs / num_boxes; ``loss_giou`` = sum of (1 - GIoU) / num_boxes. Logged only (final
     set): ``class_error`` and ``cardinality_error``. ``one2many_repeats`` (K) is how often the
-    one-to-many set sees every target; 0 = the model has no such set.
+    one-to-many set sees every target; 0 = the model has no such set. ``cls_loss="varifocal"``
+    replaces ``loss_ce``'s focal loss by :func:`varifocal_loss` (the matched queries' target is
+    the IoU of their box, detached, instead of 1); the matcher's cost is unchanged.
     """
 
     def __init__(
@@ -137,8 +156,12 @@ class SetCriterion(nn.Module):
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         one2many_repeats: int = 0,
+        cls_loss: str = "focal",
     ) -> None:
         super().__init__()
+        if cls_loss not in CLS_LOSSES:
+            raise ValueError(f"cls_loss must be one of {CLS_LOSSES}, got {cls_loss!r}")
+        self.cls_loss = cls_loss
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if one2many_repeats < 0:
@@ -150,27 +173,39 @@ class SetCriterion(nn.Module):
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
 
-    def loss_labels(self, pred_logits: Tensor, targets: list[Target], indices: MatchIndices, num_boxes: Tensor) -> Tensor:
-        """Focal classification loss. pred_logits (B, Q, K) -> scalar (sum over B, Q, K / num_boxes)."""
+    def loss_labels(self, pred_logits: Tensor, targets: list[Target], indices: MatchIndices,
+                    num_boxes: Tensor, iou: Tensor) -> Tensor:
+        """Classification loss. pred_logits (B, Q, K), ``iou`` (M,) of the matched pairs in
+        ``_flat_match`` order (used by the varifocal loss) -> scalar (sum over B, Q, K /
+        num_boxes)."""
         logits = upcast_to_fp32(pred_logits)
         batch_idx, query_idx = _flat_match(indices, logits.device)
         labels = _matched_targets(targets, indices, "labels", logits.device)
-        onehot = torch.zeros_like(logits)
-        onehot[batch_idx, query_idx, labels] = 1.0
-        return sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma).sum() / num_boxes
+        target = torch.zeros_like(logits)
+        if self.cls_loss == "varifocal":
+            target[batch_idx, query_idx, labels] = iou.detach().clamp(min=1e-6).to(target.dtype)
+            return varifocal_loss(logits, target, self.focal_alpha, self.focal_gamma).sum() / num_boxes
+        target[batch_idx, query_idx, labels] = 1.0
+        return sigmoid_focal_loss(logits, target, self.focal_alpha, self.focal_gamma).sum() / num_boxes
 
-    def loss_boxes(
-        self, pred_boxes: Tensor, targets: list[Target], indices: MatchIndices, num_boxes: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """(L1, 1 - GIoU) losses over matched pairs. pred_boxes (B, Q, 4) cx,cy,w,h normalised -> 2 scalars."""
+    def matched_boxes(self, pred_boxes: Tensor, targets: list[Target], indices: MatchIndices
+                      ) -> tuple[Tensor, Tensor]:
+        """(predicted, target) boxes (M, 4) cx,cy,w,h of the matched pairs, in fp32."""
         boxes = upcast_to_fp32(pred_boxes)
         batch_idx, query_idx = _flat_match(indices, boxes.device)
-        src = boxes[batch_idx, query_idx]
-        tgt = _matched_targets(targets, indices, "boxes", boxes.device).to(src.dtype)
+        tgt = _matched_targets(targets, indices, "boxes", boxes.device).to(boxes.dtype)
+        return boxes[batch_idx, query_idx], tgt
+
+    @staticmethod
+    def loss_boxes(src: Tensor, tgt: Tensor, num_boxes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(L1, 1 - GIoU) losses of matched boxes src, tgt (M, 4) cx,cy,w,h normalised -> 2
+        scalars, and the pairs' IoU (M,)."""
         loss_bbox = (src - tgt).abs().sum() / num_boxes
-        giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt))
-        loss_giou = (1 - giou).sum() / num_boxes
-        return loss_bbox, loss_giou
+        src_xyxy, tgt_xyxy = box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt)
+        loss_giou = (1 - elementwise_generalized_box_iou(src_xyxy, tgt_xyxy)).sum() / num_boxes
+        with torch.no_grad():
+            iou = elementwise_box_iou(src_xyxy, tgt_xyxy)
+        return loss_bbox, loss_giou, iou
 
     @torch.no_grad()
     def logged_metrics(self, pred_logits: Tensor, targets: list[Target], indices: MatchIndices) -> dict[str, Tensor]:
@@ -207,10 +242,11 @@ class SetCriterion(nn.Module):
                         ) -> dict[str, Tensor]:
         """The three losses of one output set for given query ↔ target ``indices`` (plus the
         logged metrics when suffix is '')."""
-        logits, boxes = output["pred_logits"], output["pred_boxes"]
-        loss_bbox, loss_giou = self.loss_boxes(boxes, targets, indices, num_boxes)
+        logits = output["pred_logits"]
+        src, tgt = self.matched_boxes(output["pred_boxes"], targets, indices)
+        loss_bbox, loss_giou, iou = self.loss_boxes(src, tgt, num_boxes)
         losses = {
-            f"loss_ce{suffix}": self.loss_labels(logits, targets, indices, num_boxes),
+            f"loss_ce{suffix}": self.loss_labels(logits, targets, indices, num_boxes, iou),
             f"loss_bbox{suffix}": loss_bbox,
             f"loss_giou{suffix}": loss_giou,
         }

@@ -21,7 +21,8 @@ _PAPER_TRAIN_LAYERS: tuple[str, ...] = ("layer2", "layer3", "layer4")
 
 
 def build_backbone(name: str, *, frozen_bn: Optional[bool] = None, weights: Optional[str] = None,
-                   drop_path_rate: float = 0.2, train_all: bool = False) -> Backbone:
+                   drop_path_rate: float = 0.2, train_all: bool = False,
+                   zero_init_residual: bool = False) -> Backbone:
     """Build a backbone by name and optionally load a local weights file.
 
     Args:
@@ -34,17 +35,22 @@ def build_backbone(name: str, *, frozen_bn: Optional[bool] = None, weights: Opti
         drop_path_rate: swin_t stochastic depth (ignored by ResNets).
         train_all: make every parameter trainable. False: paper freezing, i.e. ResNet stem +
             layer1 frozen, Swin patch embedding + stage 1 (with its merging) frozen.
+        zero_init_residual: ResNets only: every residual block's last BatchNorm starts at
+            weight 0 (the block starts as the identity).
     """
     if name not in BACKBONE_NAMES:
         raise ValueError(f"build_backbone: unknown backbone {name!r}; expected one of {BACKBONE_NAMES}")
     if name == "swin_t":
+        if zero_init_residual:
+            raise ValueError("build_backbone: zero_init_residual applies to ResNets, not swin_t")
         if frozen_bn is False:
             raise ValueError("build_backbone: frozen_bn=False does not apply to swin_t (it has no BatchNorm)")
         backbone: Backbone = SwinBackbone(drop_path_rate=drop_path_rate, frozen_stages=-1 if train_all else 2)
     else:
         use_frozen_bn = _DEFAULT_FROZEN_BN[name] if frozen_bn is None else frozen_bn
         train_layers = RESNET_LAYERS if train_all else _PAPER_TRAIN_LAYERS
-        backbone = ResNetBackbone(name, frozen_bn=use_frozen_bn, train_layers=train_layers)
+        backbone = ResNetBackbone(name, frozen_bn=use_frozen_bn, train_layers=train_layers,
+                                  zero_init_residual=zero_init_residual)
     if weights is not None:
         backbone.load_weights(weights)
     else:

@@ -25,7 +25,8 @@ class ResNetBackbone(Backbone):
     (resnet50) or 128/256/512 (resnet18/34). State_dict keys ``body.conv1.weight``,
     ``body.layer1.0.conv1.weight``, ``body.layer1.0.downsample.{0,1}.*``, ... (torchvision names).
     No ``fc`` / pooling parameters exist. Initialised like torchvision (last BN of each block
-    starts at weight 1, not timm's zero init, so a frozen-BN net without weights is not degenerate).
+    starts at weight 1, not timm's zero init, so a frozen-BN net without weights is not
+    degenerate) unless ``zero_init_residual``.
 
     Args:
         name: "resnet50", "resnet34" or "resnet18".
@@ -33,10 +34,13 @@ class ResNetBackbone(Backbone):
             parameters then are buffers, not parameters). False keeps trainable BatchNorm.
         train_layers: top-level groups (see RESNET_LAYERS) whose parameters train; all other
             parameters get requires_grad=False. Default: stem and layer1 frozen (paper).
+        zero_init_residual: start the last BatchNorm of every residual block at weight 0
+            (timm's ``zero_init_last``), so that each block starts as the identity.
     """
 
     def __init__(self, name: str = "resnet50", frozen_bn: bool = True,
-                 train_layers: tuple[str, ...] = ("layer2", "layer3", "layer4")) -> None:
+                 train_layers: tuple[str, ...] = ("layer2", "layer3", "layer4"),
+                 zero_init_residual: bool = False) -> None:
         super().__init__()
         if name not in RESNET_CHANNELS:
             raise ValueError(f"ResNetBackbone: unknown name {name!r}; "
@@ -47,7 +51,7 @@ class ResNetBackbone(Backbone):
                              f"expected names from {RESNET_LAYERS}")
         self.name = name
         self.body = timm.create_model(name, pretrained=False, num_classes=0, global_pool="",
-                                      zero_init_last=False)
+                                      zero_init_last=zero_init_residual)
         if frozen_bn:
             freeze_batch_norm(self.body)
         set_trainable(self.body, tuple(train_layers))
