@@ -69,15 +69,23 @@ def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     return iou - (hull - union) / hull
 
 
-def _elementwise_inter_union(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
-    """Intersection and union areas of matched xyxy pairs (N, 4), (N, 4) -> two (N,)."""
+def elementwise_iou_and_giou(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
+    """IoU and generalised IoU of matched xyxy pairs boxes1 (N, 4) and boxes2 (N, 4) -> two
+    (N,), from one intersection / union.
+
+    GIoU = IoU - (|hull| - |union|) / |hull|, with hull the smallest enclosing box.
+    """
     _check_xyxy(boxes1, "boxes1")
     _check_xyxy(boxes2, "boxes2")
     if boxes1.shape != boxes2.shape:
         raise ValueError(f"boxes1 {tuple(boxes1.shape)} and boxes2 {tuple(boxes2.shape)} differ in shape")
     inter_wh = (torch.min(boxes1[:, 2:], boxes2[:, 2:]) - torch.max(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
     inter = inter_wh[:, 0] * inter_wh[:, 1]
-    return inter, box_area(boxes1) + box_area(boxes2) - inter
+    union = box_area(boxes1) + box_area(boxes2) - inter
+    hull_wh = (torch.max(boxes1[:, 2:], boxes2[:, 2:]) - torch.min(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
+    hull = hull_wh[:, 0] * hull_wh[:, 1]
+    iou = inter / union
+    return iou, iou - (hull - union) / hull
 
 
 def elementwise_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
@@ -85,8 +93,7 @@ def elementwise_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
 
     Equals ``box_iou(boxes1, boxes2).diag()`` without building the (N, N) matrix.
     """
-    inter, union = _elementwise_inter_union(boxes1, boxes2)
-    return inter / union
+    return elementwise_iou_and_giou(boxes1, boxes2)[0]
 
 
 def elementwise_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
@@ -94,7 +101,4 @@ def elementwise_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
 
     Equals ``generalized_box_iou(boxes1, boxes2).diag()`` without building the (N, N) matrix.
     """
-    inter, union = _elementwise_inter_union(boxes1, boxes2)
-    hull_wh = (torch.max(boxes1[:, 2:], boxes2[:, 2:]) - torch.min(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
-    hull = hull_wh[:, 0] * hull_wh[:, 1]
-    return inter / union - (hull - union) / hull
+    return elementwise_iou_and_giou(boxes1, boxes2)[1]

@@ -28,8 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdetr.models.box_ops import (box_cxcywh_to_xyxy, elementwise_box_iou,
-                                  elementwise_generalized_box_iou)
+from sdetr.models.box_ops import box_cxcywh_to_xyxy, elementwise_iou_and_giou
 from sdetr.models.matcher import HungarianMatcher, MatchIndices, Target, upcast_to_fp32
 
 logger = logging.getLogger(__name__)
@@ -176,36 +175,31 @@ class SetCriterion(nn.Module):
     def loss_labels(self, pred_logits: Tensor, targets: list[Target], indices: MatchIndices,
                     num_boxes: Tensor, iou: Tensor) -> Tensor:
         """Classification loss. pred_logits (B, Q, K), ``iou`` (M,) of the matched pairs in
-        ``_flat_match`` order (used by the varifocal loss) -> scalar (sum over B, Q, K /
+        ``_flat_match`` order, detached (used by the varifocal loss) -> scalar (sum over B, Q, K /
         num_boxes)."""
         logits = upcast_to_fp32(pred_logits)
         batch_idx, query_idx = _flat_match(indices, logits.device)
         labels = _matched_targets(targets, indices, "labels", logits.device)
         target = torch.zeros_like(logits)
         if self.cls_loss == "varifocal":
-            target[batch_idx, query_idx, labels] = iou.detach().clamp(min=1e-6).to(target.dtype)
+            target[batch_idx, query_idx, labels] = iou.clamp(min=1e-6).to(target.dtype)
             return varifocal_loss(logits, target, self.focal_alpha, self.focal_gamma).sum() / num_boxes
         target[batch_idx, query_idx, labels] = 1.0
         return sigmoid_focal_loss(logits, target, self.focal_alpha, self.focal_gamma).sum() / num_boxes
 
-    def matched_boxes(self, pred_boxes: Tensor, targets: list[Target], indices: MatchIndices
-                      ) -> tuple[Tensor, Tensor]:
-        """(predicted, target) boxes (M, 4) cx,cy,w,h of the matched pairs, in fp32."""
+    def loss_boxes(
+        self, pred_boxes: Tensor, targets: list[Target], indices: MatchIndices, num_boxes: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(L1, 1 - GIoU) losses over matched pairs and the pairs' IoU (M,), detached.
+        pred_boxes (B, Q, 4) cx,cy,w,h normalised -> 2 scalars and (M,)."""
         boxes = upcast_to_fp32(pred_boxes)
         batch_idx, query_idx = _flat_match(indices, boxes.device)
-        tgt = _matched_targets(targets, indices, "boxes", boxes.device).to(boxes.dtype)
-        return boxes[batch_idx, query_idx], tgt
-
-    @staticmethod
-    def loss_boxes(src: Tensor, tgt: Tensor, num_boxes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(L1, 1 - GIoU) losses of matched boxes src, tgt (M, 4) cx,cy,w,h normalised -> 2
-        scalars, and the pairs' IoU (M,)."""
+        src = boxes[batch_idx, query_idx]
+        tgt = _matched_targets(targets, indices, "boxes", boxes.device).to(src.dtype)
         loss_bbox = (src - tgt).abs().sum() / num_boxes
-        src_xyxy, tgt_xyxy = box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt)
-        loss_giou = (1 - elementwise_generalized_box_iou(src_xyxy, tgt_xyxy)).sum() / num_boxes
-        with torch.no_grad():
-            iou = elementwise_box_iou(src_xyxy, tgt_xyxy)
-        return loss_bbox, loss_giou, iou
+        iou, giou = elementwise_iou_and_giou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt))
+        loss_giou = (1 - giou).sum() / num_boxes
+        return loss_bbox, loss_giou, iou.detach()
 
     @torch.no_grad()
     def logged_metrics(self, pred_logits: Tensor, targets: list[Target], indices: MatchIndices) -> dict[str, Tensor]:
@@ -242,9 +236,8 @@ class SetCriterion(nn.Module):
                         ) -> dict[str, Tensor]:
         """The three losses of one output set for given query ↔ target ``indices`` (plus the
         logged metrics when suffix is '')."""
-        logits = output["pred_logits"]
-        src, tgt = self.matched_boxes(output["pred_boxes"], targets, indices)
-        loss_bbox, loss_giou, iou = self.loss_boxes(src, tgt, num_boxes)
+        logits, boxes = output["pred_logits"], output["pred_boxes"]
+        loss_bbox, loss_giou, iou = self.loss_boxes(boxes, targets, indices, num_boxes)
         losses = {
             f"loss_ce{suffix}": self.loss_labels(logits, targets, indices, num_boxes, iou),
             f"loss_bbox{suffix}": loss_bbox,
