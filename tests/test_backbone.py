@@ -16,6 +16,7 @@ from torch import nn
 from sdetr.models.backbone import (
     RESNET_LAYERS, FrozenBatchNorm2d, ResNetBackbone, SwinBackbone, build_backbone, swin_official_to_ours,
 )
+from sdetr.models.backbone.resnet import StemMaxPool
 from sdetr.models.backbone.swin import _PadFirstSwinBlock
 
 
@@ -35,6 +36,7 @@ def swin() -> SwinBackbone:
 
 @pytest.mark.parametrize("name, channels, size", [
     ("resnet18", [128, 256, 512], (97, 131)),
+    ("resnet10", [128, 256, 512], (97, 131)),
     ("resnet34", [128, 256, 512], (33, 70)),
     ("resnet50", [512, 1024, 2048], (97, 131)),
 ])
@@ -302,3 +304,33 @@ def test_zero_init_residual_starts_every_block_as_the_identity() -> None:
     with pytest.raises(ConfigError, match="zero_init_residual"):
         load_config("sparse_detr_tiny", ["model.backbone.zero_init_residual=true",
                                          "model.backbone.weights=w.pth"])
+
+
+def test_resnet10_is_resnet18_with_one_block_per_stage() -> None:
+    r10, r18 = build_backbone("resnet10"), build_backbone("resnet18")
+    for stage in ("layer1", "layer2", "layer3", "layer4"):
+        assert len(getattr(r10.body, stage)) == 1 and len(getattr(r18.body, stage)) == 2
+    assert set(r10.state_dict()) < set(r18.state_dict())
+    assert not r10.body.layer1[0].bn2.weight.eq(0).any()  # torchvision-like init, not zero-init
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stem_max_pool_equals_max_pool2d_values_and_gradients(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(2, 16, 37, 52)).to(dtype)  # ReLU output: many tied zeros
+    ours, ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, expected = StemMaxPool()(ours), nn.MaxPool2d(3, 2, 1)(ref)
+    assert out.is_contiguous() and out.shape == expected.shape == (2, 16, 19, 26)
+    assert torch.equal(out, expected)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    assert ours.grad.is_contiguous() and torch.equal(ours.grad, ref.grad)
+    with torch.no_grad():
+        assert torch.equal(StemMaxPool()(x), expected)
+
+
+def test_stem_max_pool_gradcheck_and_resnet_uses_it() -> None:
+    x = torch.randn(1, 3, 11, 14, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(StemMaxPool(), (x,))
+    assert isinstance(build_backbone("resnet18").body.maxpool, StemMaxPool)

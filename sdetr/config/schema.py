@@ -16,7 +16,7 @@ from typing import Literal, Optional
 
 from sdetr.config.errors import ConfigError
 
-BackboneName = Literal["resnet50", "resnet34", "resnet18", "swin_t"]
+BackboneName = Literal["resnet50", "resnet34", "resnet18", "resnet10", "swin_t"]
 QuerySource = Literal["learned", "two_stage", "topk"]
 EncoderKind = Literal["dense", "sparse", "interleaved", "sparse_interleaved"]
 TokenSelection = Literal["dam", "objectness", "random"]

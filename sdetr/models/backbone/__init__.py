@@ -15,8 +15,9 @@ from sdetr.models.backbone.weights import load_backbone_weights, read_state_dict
 
 logger = logging.getLogger(__name__)
 
-BACKBONE_NAMES: tuple[str, ...] = ("resnet50", "resnet34", "resnet18", "swin_t")
-_DEFAULT_FROZEN_BN: dict[str, bool] = {"resnet50": True, "resnet34": True, "resnet18": False}
+BACKBONE_NAMES: tuple[str, ...] = ("resnet50", "resnet34", "resnet18", "resnet10", "swin_t")
+_DEFAULT_FROZEN_BN: dict[str, bool] = {"resnet50": True, "resnet34": True, "resnet18": False,
+                                      "resnet10": False}
 _PAPER_TRAIN_LAYERS: tuple[str, ...] = ("layer2", "layer3", "layer4")
 
 
@@ -26,9 +27,9 @@ def build_backbone(name: str, *, frozen_bn: Optional[bool] = None, weights: Opti
     """Build a backbone by name and optionally load a local weights file.
 
     Args:
-        name: "resnet50", "resnet34", "resnet18" or "swin_t".
+        name: "resnet50", "resnet34", "resnet18", "resnet10" or "swin_t".
         frozen_bn: ResNets only. None → True for resnet50/resnet34 (paper setup), False for
-            resnet18 (meant for from-scratch CPU presets). swin_t has no BatchNorm: None or True
+            resnet18 and resnet10 (meant for from-scratch CPU presets). swin_t has no BatchNorm: None or True
             is accepted and means nothing, False raises.
         weights: local file (torchvision/timm ResNet, official or timm Swin, or a saved backbone
             state_dict); None keeps the random init. The report is ``backbone.load_report``.
