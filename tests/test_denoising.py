@@ -154,3 +154,13 @@ def test_eval_has_no_denoising_queries_and_the_training_step_passes_targets():
     assert missing == {"denoiser.label_embed.weight"}
     inference = count_parameters(model).params_inference
     assert inference == count_parameters(plain).params_inference  # training-only
+
+
+def test_denoising_trains_with_bf16_weights():
+    """train.precision=bf16 keeps the weights in bf16: the float32 noised boxes must meet
+    them in their dtype (a float32 x bf16 matmul was an error)."""
+    model = build_micro("sparse_detr_tiny", *DN).model.train().to(torch.bfloat16)
+    images, masks, targets = two_images()
+    out = model(images.to(torch.bfloat16), masks, targets=targets)
+    assert out["dn_outputs"]["pred_logits"].dtype == torch.bfloat16
+    assert out["dn_outputs"]["pred_logits"].shape == (2, 3 * 2, 24)

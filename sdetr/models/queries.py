@@ -194,7 +194,9 @@ class TopKQueries(nn.Module):
         """reference (B, Q, 4) cx,cy,w,h → ``LN(pos_trans(sine(reference)))``: (B, Q, C) with
         ``content_from_memory``, else (B, Q, 2C) = [positional | content]."""
         sine = box_sine_embedding(reference, num_pos_feats=self.hidden_dim // 2)
-        return self.pos_trans_norm(self.pos_trans(sine))
+        # a float32 reference (the denoising queries' noised boxes) meets bf16 weights in
+        # train.precision=bf16
+        return self.pos_trans_norm(self.pos_trans(sine.to(self.pos_trans.weight.dtype)))
 
     def position_queries(self, reference: Tensor) -> Tensor:
         """reference (B, Q, 4) → the positional queries (B, Q, C) this selector gives it."""

@@ -58,8 +58,9 @@ NOT_IDENTITY = ("train.seed", "name", "preset", "train.output_dir", "data.num_wo
 """Params that do not make a different row (``preset`` only names a config; the sweep's
 ``config_hash`` leaves it out too)."""
 
-BACKBONES = {"resnet50": "R50", "swin_t": "Swin-T", "resnet18": "R18", "resnet34": "R34", "resnet10": "R10"}
-BACKBONE_ORDER = ("R50", "Swin-T", "R18", "R34")
+BACKBONES = {"resnet50": "R50", "swin_t": "Swin-T", "resnet18": "R18", "resnet34": "R34",
+             "resnet10": "R10"}
+BACKBONE_ORDER = ("R50", "Swin-T", "R18", "R34", "R10")
 REQUIRED = ("model.backbone.name", "model.encoder", "model.queries", "model.box_refine",
             "train.epochs")
 LITE_PARAMS = ("model.lite_high_levels", "model.lite_high_updates", "model.lite_blocks",
