@@ -29,8 +29,8 @@ def build_backbone(name: str, *, frozen_bn: Optional[bool] = None, weights: Opti
     Args:
         name: "resnet50", "resnet34", "resnet18", "resnet10" or "swin_t".
         frozen_bn: ResNets only. None → True for resnet50/resnet34 (paper setup), False for
-            resnet18 and resnet10 (meant for from-scratch CPU presets). swin_t has no BatchNorm: None or True
-            is accepted and means nothing, False raises.
+            resnet18 and resnet10 (meant for from-scratch CPU presets). swin_t has no
+            BatchNorm: None or True is accepted and means nothing, False raises.
         weights: local file (torchvision/timm ResNet, official or timm Swin, or a saved backbone
             state_dict); None keeps the random init. The report is ``backbone.load_report``.
         drop_path_rate: swin_t stochastic depth (ignored by ResNets).

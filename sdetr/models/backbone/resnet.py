@@ -75,7 +75,7 @@ class ResNetBackbone(Backbone):
 
     Output maps (B, C, ceil(H/s), ceil(W/s)) for s = 8, 16, 32, any input H, W; C = 512/1024/2048
     (resnet50) or 128/256/512 (resnet10/18/34; resnet10 is ResNet-18 with one block per stage,
-    half its FLOPs, meant for from-scratch CPU presets). State_dict keys ``body.conv1.weight``,
+    half its FLOPs, for from-scratch CPU trials). State_dict keys ``body.conv1.weight``,
     ``body.layer1.0.conv1.weight``, ``body.layer1.0.downsample.{0,1}.*``, ... (torchvision names).
     No ``fc`` / pooling parameters exist. Initialised like torchvision (last BN of each block
     starts at weight 1, not timm's zero init, so a frozen-BN net without weights is not
