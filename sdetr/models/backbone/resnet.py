@@ -22,6 +22,9 @@ RESNET_LAYERS: tuple[str, ...] = ("conv1", "bn1", "layer1", "layer2", "layer3", 
 """Top-level parameter groups of the body; ``train_layers=RESNET_LAYERS`` trains everything."""
 
 
+_POOL_KERNEL, _POOL_STRIDE, _POOL_PADDING = (3, 3), (2, 2), (1, 1)  # the ResNet stem's max pool
+
+
 class _ChannelsLastMaxPool(torch.autograd.Function):
     """3x3 / stride 2 / pad 1 max pool of an NCHW CPU tensor, computed in channels_last; the
     output and the input gradient are contiguous NCHW."""
@@ -29,7 +32,8 @@ class _ChannelsLastMaxPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor) -> Tensor:
         x_cl = x.contiguous(memory_format=torch.channels_last)
-        y, indices = torch.ops.aten.max_pool2d_with_indices(x_cl, [3, 3], [2, 2], [1, 1])
+        y, indices = torch.ops.aten.max_pool2d_with_indices(x_cl, _POOL_KERNEL, _POOL_STRIDE,
+                                                          _POOL_PADDING)
         ctx.save_for_backward(x_cl, indices)
         return y.contiguous()
 
@@ -38,7 +42,7 @@ class _ChannelsLastMaxPool(torch.autograd.Function):
         x_cl, indices = ctx.saved_tensors
         grad_cl = grad.contiguous(memory_format=torch.channels_last)
         grad_x = torch.ops.aten.max_pool2d_with_indices_backward(
-            grad_cl, x_cl, [3, 3], [2, 2], [1, 1], [1, 1], False, indices)
+            grad_cl, x_cl, _POOL_KERNEL, _POOL_STRIDE, _POOL_PADDING, (1, 1), False, indices)
         return grad_x.contiguous()
 
 
@@ -54,10 +58,11 @@ class StemMaxPool(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type != "cpu":
-            return F.max_pool2d(x, 3, 2, 1)
+            return F.max_pool2d(x, _POOL_KERNEL, _POOL_STRIDE, _POOL_PADDING)
         if torch.is_grad_enabled() and x.requires_grad:
             return _ChannelsLastMaxPool.apply(x)
-        return F.max_pool2d(x.contiguous(memory_format=torch.channels_last), 3, 2, 1).contiguous()
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        return F.max_pool2d(x_cl, _POOL_KERNEL, _POOL_STRIDE, _POOL_PADDING).contiguous()
 
 
 def create_resnet(name: str, *, zero_init_last: bool) -> nn.Module:
