@@ -4,6 +4,7 @@ SQLite MLflow store; faults injected with SIGKILL. Micro runs: width 64, 8 image
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -186,8 +187,12 @@ def test_driver_killed_mid_sweep_then_same_command_completes_the_rest(finished, 
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        wait_for(progress_at_epoch(sweep, 2), 240, "the first run's epoch 2", proc)
+        record = wait_for(progress_at_epoch(sweep, 2), 240, "the first run's epoch 2", proc)
         proc.send_signal(signal.SIGKILL)
+        # and its rank 0 worker: an orphan that outlives the dead cluster for a few seconds
+        # could otherwise finish the micro run, leaving nothing to resume
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(record["pid"], signal.SIGKILL)
         proc.wait(30)
     finally:
         if proc.poll() is None:
@@ -257,8 +262,10 @@ def test_sigterm_closes_every_mlflow_run_and_stops_ray(tmp_path):
             proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
     assert "Run the same command again to resume" in out
-    statuses = {n: r.info.status for n, r in children(sweep.uri).items()}
-    assert statuses == {PRESETS[0]: "KILLED", PRESETS[1]: "SCHEDULED"}
+    kids = children(sweep.uri)
+    statuses = {n: r.info.status for n, r in kids.items()}
+    assert statuses == {PRESETS[0]: "KILLED", PRESETS[1]: "SCHEDULED"}, \
+        {n: r.data.tags.get("sdetr.error") for n, r in kids.items()}
     _, runs = runs_of(sweep.uri)
     assert {r.info.status for r in runs if r.data.tags.get("sdetr.sweep.role")} == {"KILLED"}
     assert "Traceback" not in out

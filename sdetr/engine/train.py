@@ -214,7 +214,7 @@ class Trainer:
     def _fail(self, exc: BaseException) -> None:
         if not self.ctx.is_main:
             return
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        status = self.tracker.ending_status(exc)
         if self.tracker.run_id:
             self.tracker.set_tags({"sdetr.error": one_line(exc)[:5000]})
         self.tracker.finish(status)

@@ -73,8 +73,12 @@ def run_sweep(spec: SweepSpec, plans: list[RunPlan], *, address: Optional[str] =
         if todo:
             with ray_cluster(address):
                 concurrency = max_concurrent or spec.limits.max_concurrent or fitting_runs(spec, todo)
-                failed = _tune(spec, todo, runs, run_ids, tracker, force=force,
-                               concurrency=concurrency, progress=progress)
+                try:
+                    failed = _tune(spec, todo, runs, run_ids, tracker, force=force,
+                                   concurrency=concurrency, progress=progress)
+                except (KeyboardInterrupt, SystemExit):  # before Ray stops the workers
+                    tracker.request_stop(run_ids.values(), "its sweep was interrupted")
+                    raise
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM
         ending = "KILLED"
         raise

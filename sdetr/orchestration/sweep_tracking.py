@@ -9,6 +9,9 @@ Child run (found again by ``sdetr.config_hash`` under the parent): created by th
 anything trains, status SCHEDULED until the engine starts tracking into it (RUNNING), then
 FINISHED / FAILED / KILLED. Tags ``sdetr.sweep.name``, ``sdetr.sweep.run``, ``sdetr.run_dir``,
 ``sdetr.sweep.axis.<key>`` (one per axis); the engine adds its params, metrics and provenance.
+An interrupted driver tags its open children ``sdetr.stop_requested`` before Ray stops their
+workers, so a worker that errs as its peers die ends its run KILLED, not FAILED; the tag is
+withdrawn when the sweep resumes the run.
 
 No run stays RUNNING after a crash: :meth:`SweepTracker.reconcile` marks a child that is not
 training any more FINISHED (its result.json says so), else KILLED or FAILED.
@@ -24,7 +27,7 @@ from typing import Any, Iterable, Optional
 from sdetr.orchestration.grid import RunPlan
 from sdetr.orchestration.spec import SweepSpec
 from sdetr.tracking import MlflowTracker, TrackingError, resolve_tracking_uri
-from sdetr.tracking.mlflow_tracker import PARENT_TAG
+from sdetr.tracking.mlflow_tracker import PARENT_TAG, STOP_TAG
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +44,7 @@ class ChildRun:
 
     run_id: str
     status: str
+    stop_requested: bool = False
 
 
 class SweepTracker:
@@ -103,16 +107,21 @@ class SweepTracker:
         runs = self.client.search_runs(
             [self._experiment_id()], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent.run_id}'",
             order_by=["attributes.start_time ASC"], max_results=10000)
-        return {r.data.tags[HASH_TAG]: ChildRun(r.info.run_id, r.info.status)
+        return {r.data.tags[HASH_TAG]: ChildRun(r.info.run_id, r.info.status,
+                                                STOP_TAG in r.data.tags)
                 for r in runs if HASH_TAG in r.data.tags}
 
     def _experiment_id(self) -> str:
         return self.client.get_run(self.parent.run_id).info.experiment_id
 
     def child_for(self, plan: RunPlan, existing: dict[str, ChildRun]) -> str:
-        """The child run of ``plan``: the existing one, else a new SCHEDULED run."""
+        """The child run of ``plan``: the existing one (a stop asked of it by an interrupted
+        driver withdrawn), else a new SCHEDULED run."""
         found = existing.get(plan.config_hash)
         if found is not None:
+            if found.stop_requested:
+                self.client.delete_tag(found.run_id, STOP_TAG)
+                found.stop_requested = False
             return found.run_id
         run = self.client.create_run(self._experiment_id(), run_name=plan.name,
                                      tags=self.child_tags(plan))
@@ -135,6 +144,14 @@ class SweepTracker:
             self.client.update_run(run_id, status=status)
         else:
             self.client.set_terminated(run_id, status, end_time=int(time.time() * 1000))
+
+    def request_stop(self, run_ids: Iterable[str], reason: str) -> None:
+        """Tag the open ones of ``run_ids`` ``sdetr.stop_requested``: their workers, whose
+        peers are about to be shut down, then end them KILLED rather than FAILED."""
+        wanted = set(run_ids)
+        for child in self.children().values():
+            if child.run_id in wanted and child.status in OPEN_STATUSES:
+                self.client.set_tag(child.run_id, STOP_TAG, reason)
 
     def reconcile(self, finished_ids: Iterable[str], failed: dict[str, str]) -> None:
         """Close the open children that are not training: FINISHED if their run finished,

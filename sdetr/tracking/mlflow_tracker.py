@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_EXPERIMENT = "sdetr"
 FINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 PARENT_TAG = "mlflow.parentRunId"
+STOP_TAG = "sdetr.stop_requested"  # set by whoever launched the run (an interrupted sweep)
 MAX_PARAMS_PER_BATCH = 100      # MLflow's limit per log_batch call
 MAX_TAGS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
@@ -56,7 +57,7 @@ def _chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
 class Tracker:
     """Tracker that records nothing (non-zero ranks, ``--no-track``). Same API as
     :class:`MlflowTracker`; usable as a context manager (``finish`` on exit: FINISHED, or
-    FAILED on an exception, KILLED on KeyboardInterrupt)."""
+    FAILED on an exception, KILLED as :meth:`ending_status` says)."""
 
     run_id: Optional[str] = None
 
@@ -87,6 +88,18 @@ class Tracker:
     def finish(self, status: str = "FINISHED") -> None:
         """Flush and end the run with ``status`` (FINISHED, FAILED or KILLED)."""
 
+    def stop_requested(self) -> str:
+        """Why the run was asked to stop (its tag ``sdetr.stop_requested``), else ""."""
+        return ""
+
+    def ending_status(self, exc: BaseException) -> str:
+        """Status of a run ended by ``exc``: KILLED for Ctrl-C, SystemExit, or any error
+        raised once a stop was requested (a worker whose peers are being shut down), else
+        FAILED."""
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)) or self.stop_requested():
+            return "KILLED"
+        return "FAILED"
+
     def __enter__(self) -> "Tracker":
         self.start()
         return self
@@ -96,7 +109,7 @@ class Tracker:
         if exc_type is None:
             self.finish("FINISHED")
         else:
-            self.finish("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+            self.finish(self.ending_status(exc if exc is not None else exc_type()))
 
 
 class MlflowTracker(Tracker):
@@ -194,6 +207,17 @@ class MlflowTracker(Tracker):
             self._client.set_terminated(self.run_id, status)
             self._finished = True
         logger.info("MLflow run %s ended: %s", self.run_id, status)
+
+    def stop_requested(self) -> str:
+        if self._client is None or not self.run_id:
+            return ""
+        from mlflow.exceptions import MlflowException
+        try:
+            return self._client.get_run(self.run_id).data.tags.get(STOP_TAG, "")
+        except MlflowException as exc:  # the run still ends, FAILED; say why it was not read
+            logger.warning("MLflow run %s: tag %s not read: %s", self.run_id, STOP_TAG,
+                           " ".join(str(exc).split())[:300])
+            return ""
 
     # ------------------------------------------------------------------------ logging
     def log_params(self, flat: Mapping[str, Any]) -> list[str]:
