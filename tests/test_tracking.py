@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import pytest
 
@@ -174,3 +175,26 @@ def test_git_sha_marks_dirty_checkouts(tmp_path, monkeypatch):
     assert git_sha() == sha
     (package / "a.py").write_text("x = 2\n")
     assert git_sha() == sha + "-dirty"
+
+
+def test_processes_that_start_together_on_a_new_sqlite_store_all_track(tmp_path):
+    """MLflow creates a new SQLite database's tables on first use; three trackers started at
+    once (three `sdetr train` on a fresh mlflow.db) take turns at that, none fails."""
+    uri = f"sqlite:///{tmp_path / 'fresh.db'}"
+    code = ("import sys; from sdetr.tracking import MlflowTracker; "
+            "t = MlflowTracker(sys.argv[1], 'together', sys.argv[2]); t.start(); t.finish()")
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri, f"run{i}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(3)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(o[-1500:] for o in outs)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("together")
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["run0", "run1", "run2"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_a_sqlite_store_in_a_missing_folder_fails_in_one_line(tmp_path):
+    with pytest.raises(TrackingError, match="does not exist"):
+        MlflowTracker(f"sqlite:///{tmp_path / 'nowhere' / 'm.db'}", EXPERIMENT, "x").start()

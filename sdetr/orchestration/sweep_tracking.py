@@ -27,7 +27,7 @@ from typing import Any, Iterable, Optional
 from sdetr.orchestration.grid import RunPlan
 from sdetr.orchestration.spec import SweepSpec
 from sdetr.tracking import MlflowTracker, TrackingError, resolve_tracking_uri
-from sdetr.tracking.mlflow_tracker import PARENT_TAG, STOP_TAG
+from sdetr.tracking.mlflow_tracker import PARENT_TAG, STOP_TAG, open_client
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +59,7 @@ class SweepTracker:
     @property
     def client(self) -> Any:
         if self._client is None:
-            from mlflow import MlflowClient
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            self._client = open_client(self.tracking_uri)
         return self._client
 
     # --------------------------------------------------------------------------- parent

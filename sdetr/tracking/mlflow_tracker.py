@@ -14,12 +14,14 @@ experiment's artifact location is fixed when the experiment is created).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Mapping, Optional, Sequence, TypeVar
+from typing import Any, Iterator, Mapping, Optional, Sequence, TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,45 @@ def resolve_tracking_uri(tracking_uri: Optional[str] = None) -> str:
     if env:
         return env
     return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def sqlite_path(tracking_uri: str) -> Optional[Path]:
+    """The database file of a ``sqlite:///`` URI (None for any other store)."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    return Path(tracking_uri[len(prefix):])
+
+
+@contextlib.contextmanager
+def store_lock(tracking_uri: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``<database>.lock`` beside a SQLite store (no-op for other
+    stores): MLflow creates and migrates a new SQLite database's schema on first use, and two
+    processes doing that at once (two ``sdetr train`` started together on a fresh store) break
+    each other's migration."""
+    path = sqlite_path(tracking_uri)
+    if path is None:
+        yield
+        return
+    if not path.parent.is_dir():
+        raise TrackingError(f"MLflow store {tracking_uri}: folder {path.parent} does not exist")
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def open_client(tracking_uri: str) -> Any:
+    """An ``MlflowClient`` of ``tracking_uri`` whose store exists: the first request, which
+    creates a new SQLite database's tables, runs under :func:`store_lock`. Raises
+    ``MlflowException`` when the store does not answer."""
+    from mlflow import MlflowClient
+    with store_lock(tracking_uri):
+        client = MlflowClient(tracking_uri=tracking_uri)
+        client.search_experiments(max_results=1)
+    return client
 
 
 def _chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
@@ -148,10 +189,9 @@ class MlflowTracker(Tracker):
     def start(self) -> str:
         if self._client is not None:
             raise RuntimeError(f"tracker already started (run {self.run_id})")
-        from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
         try:
-            client = MlflowClient(tracking_uri=self.tracking_uri)
+            client = open_client(self.tracking_uri)
             run = self._resume(client) if self.run_id else self._create(client)
         except MlflowException as exc:
             message = " ".join(str(exc).split())[:300]
