@@ -102,6 +102,7 @@ TORCH_LIBRARY(sdetr_C, m) {
   m.def(
       "kda_backward(Tensor grad_output, Tensor grad_attention_weights, Tensor query, Tensor key, Tensor value, "
       "Tensor spatial_shapes, Tensor level_start_index, Tensor sampling_locations) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("stem_max_pool_forward(Tensor input) -> (Tensor, Tensor)");
   m.def("build_info() -> str", &sdetr_kernels::build_info);
 }
 

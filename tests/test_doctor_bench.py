@@ -85,7 +85,11 @@ def test_bench_kernels_decoder_json_rows_ratios_and_threads(capsys):
     expected = {("ms_deform_attn", b) for b in ops.available_backends("ms_deform_attn")}
     expected |= {("dam_splat", b) for b in ops.available_backends("dam_splat")}
     expected |= {("kda", b) for b in ops.available_backends("kda")}
+    expected |= {("stem_max_pool", b) for b in ops.available_backends("stem_max_pool")}
     assert set(rows) == expected
+    pools = [r for r in result["rows"] if r["op"] == "stem_max_pool"]
+    assert {r["problem"] for r in pools} == {"tiny_train_bf16", "r50_eval_fp32"}
+    assert all(r["forward_ms"] > 0 and r["forward_backward_speedup"] for r in pools)
     ref = rows[("ms_deform_attn", "reference")]
     assert ref["queries"] == 300 and ref["threads"] == 1
     assert ref["forward_speedup"] == 1.0 and ref["forward_backward_speedup"] == 1.0

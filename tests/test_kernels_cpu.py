@@ -198,7 +198,7 @@ def test_build_info_describes_the_cpu_build():
     assert info["cpu_capability"] in ("avx2", "default")
     assert all("cpu" in devices for devices in info["kernels"].values())
     assert set(info["kernels"]) == {"ms_deform_attn_forward", "ms_deform_attn_backward", "dam_splat",
-                                    "kda_forward", "kda_backward"}
+                                    "kda_forward", "kda_backward", "stem_max_pool_forward"}
     assert info["torch_version"] == torch.__version__.split("+")[0]
     assert ops.resolve_backend("ms_deform_attn") == "compiled"  # automatic choice when present
 

@@ -207,22 +207,23 @@ def test_reference_backends_registered_and_reported(registry):
     assert ops.available_backends("no_such_op") == []
     with ops.use_backend("reference"):
         assert ops.backend_report() == {"ms_deform_attn": "reference", "dam_splat": "reference",
-                                        "kda": "reference"}
+                                        "kda": "reference", "stem_max_pool": "reference"}
     registry.pop("dam_splat")
     registry.pop("kda")
+    registry.pop("stem_max_pool")
     registry["ms_deform_attn"].pop("compiled", None)
     assert ops.backend_report() == {"ms_deform_attn": "reference"}
 
 
 def test_automatic_choice_prefers_compiled_when_registered(registry):
-    for op in ("ms_deform_attn", "dam_splat", "kda"):
+    for op in ("ms_deform_attn", "dam_splat", "kda", "stem_max_pool"):
         registry[op].pop("compiled", None)
     assert ops.resolve_backend("ms_deform_attn") == "reference"
     backends.register_backend("ms_deform_attn", "compiled", ops.ms_deform_attn_pytorch, None)
     assert ops.resolve_backend("ms_deform_attn") == "compiled"
     assert ops.resolve_backend("ms_deform_attn", "auto") == "compiled"
     assert ops.backend_report() == {"ms_deform_attn": "compiled", "dam_splat": "reference",
-                                    "kda": "reference"}
+                                    "kda": "reference", "stem_max_pool": "reference"}
     with ops.use_backend("compiled"):  # dam_splat has no compiled backend: raise, never fall back
         with pytest.raises(BackendUnavailableError, match="'compiled'.*'dam_splat'"):
             ops.resolve_backend("dam_splat")

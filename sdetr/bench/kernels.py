@@ -6,7 +6,9 @@ forward + backward (``out.backward(grad)`` through the public op) over ``iters``
 ``warmup`` runs, the peak CPU tensor memory of one run of each (:mod:`sdetr.bench.memory`), and the
 ratios to the reference backend (speed-up = reference time / backend time; memory ratio = backend
 peak / reference peak). The DAM splat (forward only, 6 decoder layers x 300 queries) is timed the
-same way. Threads: whatever ``torch.get_num_threads()`` is when called (the CLI sets it).
+same way, and so is the ResNet stem's max pool (``stem_max_pool``, forward without grad and
+forward + backward) on the stem map of a ``_tiny`` training batch (bf16) and of an R50 eval image
+(fp32). Threads: whatever ``torch.get_num_threads()`` is when called (the CLI sets it).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import torch
 
 from sdetr.bench.memory import peak_allocated_bytes
 from sdetr.bench.problems import MsdaProblem, dam_problem, msda_problem
-from sdetr.ops import available_backends, compiled_build_info, dam_splat, kda, ms_deform_attn
+from sdetr.ops import (available_backends, compiled_build_info, dam_splat, kda, ms_deform_attn,
+                       stem_max_pool)
 
 MIB = 1024.0 * 1024.0
 REFERENCE = "reference"
@@ -138,6 +141,39 @@ def bench_dam(problem: MsdaProblem, backend: str, iters: int, warmup: int) -> Ke
     )
 
 
+STEM_PROBLEMS = {  # the stem map (B, 64, H/2, W/2) of a _tiny training batch and of an R50 eval image
+    "tiny_train_bf16": ((4, 64, 176, 128), torch.bfloat16),
+    "r50_eval_fp32": ((1, 64, 400, 667), torch.float32),
+}
+
+
+def bench_stem_pool(problem: str, backend: str, iters: int, warmup: int) -> KernelTiming:
+    """Forward (no grad) and forward+backward of ``stem_max_pool`` on a ReLU-ed random stem map."""
+    shape, dtype = STEM_PROBLEMS[problem]
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=gen).relu().to(dtype)
+    leaf = x.clone().requires_grad_(True)
+    grad = torch.randn(stem_max_pool(x, backend).shape, generator=gen).to(dtype)
+
+    def forward() -> torch.Tensor:
+        with torch.no_grad():
+            return stem_max_pool(x, backend)
+
+    def forward_backward() -> None:
+        leaf.grad = None
+        stem_max_pool(leaf, backend).backward(grad)
+
+    forward_ms = median_ms(forward, iters, warmup)
+    forward_backward_ms = median_ms(forward_backward, iters, warmup)
+    leaf.grad = None
+    return KernelTiming(
+        problem=problem, op="stem_max_pool", queries=0, backend=backend, threads=torch.get_num_threads(),
+        iters=iters, forward_ms=forward_ms, forward_backward_ms=forward_backward_ms,
+        peak_forward_mib=peak_allocated_bytes(forward) / MIB,
+        peak_forward_backward_mib=peak_allocated_bytes(forward_backward) / MIB,
+    )
+
+
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or denominator is None or denominator == 0:
         return None
@@ -163,7 +199,8 @@ def _ordered(backends: list[str]) -> list[str]:
 
 
 def run_kernel_bench(iters: int = 5, warmup: int = 1, problems: tuple[str, ...] = ("encoder", "decoder"),
-                     include_dam: bool = True, include_kda: bool = True) -> dict[str, Any]:
+                     include_dam: bool = True, include_kda: bool = True,
+                     include_stem_pool: bool = True) -> dict[str, Any]:
     """Run the benchmark; returns ``{"rows": [KernelTiming as dict], "threads", "iters", "warmup", ...}``."""
     rows: list[KernelTiming] = []
     for kind in problems:
@@ -176,6 +213,10 @@ def run_kernel_bench(iters: int = 5, warmup: int = 1, problems: tuple[str, ...] 
         if include_dam and kind == "decoder":
             for backend in _ordered(available_backends("dam_splat")):
                 rows.append(bench_dam(problem, backend, iters, warmup))
+    if include_stem_pool:
+        for problem in STEM_PROBLEMS:
+            for backend in _ordered(available_backends("stem_max_pool")):
+                rows.append(bench_stem_pool(problem, backend, iters, warmup))
     add_ratios(rows)
     return {
         "threads": torch.get_num_threads(),

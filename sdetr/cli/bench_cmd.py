@@ -30,6 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="encoder-sized (Q = N = 18,549), decoder-sized (Q = 300) or all (default)")
     k.add_argument("--no-dam", action="store_true", help="skip the DAM splat rows")
     k.add_argument("--no-kda", action="store_true", help="skip the key-aware attention (Lite-DETR) rows")
+    k.add_argument("--no-stem-pool", action="store_true", help="skip the ResNet stem max pool rows")
     k.set_defaults(func=run)
     add_models_parser(targets)
     add_train_parser(targets)
@@ -93,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run_kernel_bench(iters=args.iters, warmup=args.warmup, problems=PROBLEMS[args.problem],
-                              include_dam=not args.no_dam, include_kda=not args.no_kda)
+                              include_dam=not args.no_dam, include_kda=not args.no_kda,
+                              include_stem_pool=not args.no_stem_pool)
     if args.json:
         print_json(result)
     else:

@@ -59,7 +59,8 @@ def build_model(cfg: ModelConfig, *, kernel_backend: Optional[str] = None) -> De
     bb = cfg.backbone
     backbone = build_backbone(bb.name, frozen_bn=bb.frozen_bn, weights=bb.weights,
                               drop_path_rate=bb.drop_path_rate, train_all=bb.train_all,
-                              zero_init_residual=bb.zero_init_residual)
+                              zero_init_residual=bb.zero_init_residual,
+                              kernel_backend=backend)
     dec_layer = DeformableDecoderLayer(cfg.hidden_dim, cfg.dim_feedforward, cfg.dropout,
                                        attn=build_attention(cfg, cfg.dec_n_points, backend))
     # §6.5: heads are independent copies with box refinement or encoder auxiliary heads.

@@ -1,4 +1,5 @@
-"""Attention ops shared by all models: multi-scale deformable attention and the Sparse DETR DAM splat.
+"""Ops shared by all models: multi-scale deformable attention, the Sparse DETR DAM splat, key-aware
+deformable attention and the ResNet stem's max pool (CPU).
 
 Importing this package registers the ``"reference"`` (pure PyTorch) backends and the torch.library
 custom ops ``sdetr::ms_deform_attn``, ``sdetr::ms_deform_attn_backward`` and ``sdetr::dam_splat``
@@ -19,6 +20,7 @@ from .backends import (
 from .dam_splat import dam_splat, dam_splat_pytorch
 from .ms_deform_attn import ms_deform_attn, ms_deform_attn_pytorch
 from .kda import kda, kda_pytorch
+from .stem_max_pool import stem_max_pool, stem_max_pool_pytorch
 from .compiled import compiled_available, compiled_build_info  # registers "compiled" when sdetr._C is built
 
 __all__ = [
@@ -35,5 +37,7 @@ __all__ = [
     "ms_deform_attn_pytorch",
     "resolve_backend",
     "set_default_backend",
+    "stem_max_pool",
+    "stem_max_pool_pytorch",
     "use_backend",
 ]

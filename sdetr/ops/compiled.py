@@ -2,9 +2,9 @@
 
 Importing this module loads ``sdetr._C`` when it was built (``setup.py``), registers fake
 implementations and autograd for its ops (``torch.ops.sdetr_C.ms_deform_attn_forward``,
-``ms_deform_attn_backward``, ``dam_splat``, ``kda_forward``, ``kda_backward``) and registers
-backend ``"compiled"`` for the ops ``"ms_deform_attn"``, ``"dam_splat"`` and ``"kda"`` of
-:mod:`sdetr.ops.backends`.
+``ms_deform_attn_backward``, ``dam_splat``, ``kda_forward``, ``kda_backward``,
+``stem_max_pool_forward``) and registers backend ``"compiled"`` for the ops ``"ms_deform_attn"``,
+``"dam_splat"``, ``"kda"`` and ``"stem_max_pool"`` of :mod:`sdetr.ops.backends`.
 
 The compiled backend dispatches on the device of its inputs: CPU tensors run the CPU kernels, CUDA
 tensors the CUDA kernels when the build has them. A device without a kernel raises
@@ -30,13 +30,15 @@ import torch
 from torch import Tensor
 
 from . import backends
+from .stem_max_pool import stem_max_pool_backward
 
 logger = logging.getLogger(__name__)
 
 DISABLE_ENV = "SDETR_DISABLE_COMPILED"
 EXTENSION = "sdetr._C"
 _NAMESPACE = "sdetr_C"
-_KERNELS = ("ms_deform_attn_forward", "ms_deform_attn_backward", "dam_splat", "kda_forward", "kda_backward")
+_KERNELS = ("ms_deform_attn_forward", "ms_deform_attn_backward", "dam_splat", "kda_forward", "kda_backward",
+            "stem_max_pool_forward")
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
@@ -64,8 +66,11 @@ def _load() -> tuple[ModuleType | None, LoadStatus]:
 
 
 def _kernel_devices(kernel: str) -> tuple[str, ...]:
-    """Device types with a registered implementation of ``sdetr_C::<kernel>``."""
+    """Device types with a registered implementation of ``sdetr_C::<kernel>`` (none when the
+    build predates the kernel)."""
     qualname = f"{_NAMESPACE}::{kernel}"
+    if not hasattr(getattr(torch.ops, _NAMESPACE), kernel):
+        return ()
     return tuple(
         device for device, key in _DISPATCH_KEYS.items()
         if torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key)
@@ -166,6 +171,19 @@ def _kda_backward(
     )
 
 
+def _stem_pool_forward(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Compiled stem max pool; signature and shapes of :func:`sdetr.ops.stem_max_pool_pytorch`."""
+    _require_kernel("stem_max_pool", "stem_max_pool_forward", x)
+    return torch.ops.sdetr_C.stem_max_pool_forward(x)
+
+
+def _register_stem_pool_fake() -> None:
+    @torch.library.register_fake("sdetr_C::stem_max_pool_forward")
+    def _stem_pool_fake(x):
+        shape = (x.shape[0], x.shape[1], (x.shape[2] + 1) // 2, (x.shape[3] + 1) // 2)
+        return x.new_empty(shape), x.new_empty(shape, dtype=torch.int64)
+
+
 def _register_kda_fake_and_autograd() -> None:
     lib = torch.ops.sdetr_C
 
@@ -234,8 +252,13 @@ if _extension is not None:
     if not getattr(_extension, "_sdetr_registered", False):  # a module reload keeps the first registration
         _register_fake_and_autograd()
         _register_kda_fake_and_autograd()
+        if _devices["stem_max_pool_forward"]:
+            _register_stem_pool_fake()
         _extension._sdetr_registered = True
     backends.register_backend("ms_deform_attn", backends.COMPILED, _msda_forward, _msda_backward)
     backends.register_backend("dam_splat", backends.COMPILED, _dam_forward, None)
     backends.register_backend("kda", backends.COMPILED, _kda_forward, _kda_backward)
+    if _devices["stem_max_pool_forward"]:  # an extension built before this kernel lacks it
+        backends.register_backend("stem_max_pool", backends.COMPILED, _stem_pool_forward,
+                                  stem_max_pool_backward)
     logger.debug("compiled backend registered from %s (kernels: %s)", _status.detail, _devices)

@@ -116,7 +116,8 @@ IGNORED_BY_CONVENTION: frozenset[str] = frozenset(f"aten::{op}" for op in (
     "resolve_conj", "resolve_neg", "clone", "view_as", "flip", "diff", "unsqueeze_",
     "zeros_like", "ones_like", "empty_like", "rand_like", "randn_like", "rand", "randn",
     "bernoulli_", "dropout_", "feature_dropout", "alias", "lift_fresh", "item",
-))
+    "max_pool2d_with_indices",
+)) | {"sdetr_C::stem_max_pool_forward"}  # the ResNet stem's max pool (sdetr.ops.stem_max_pool)
 """Ops fvcore has no handle for that cost 0 by the official convention (elementwise, softmax,
 activations, sin/cos, scans, max-pool, topk, gather/scatter, masking: REFERENCE §10.1 "Not
 counted"). They are still listed in every report under ``ignored_by_convention``; any other op

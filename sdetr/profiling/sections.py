@@ -32,12 +32,16 @@ TIMING = ("warm-up, then timed forwards with device synchronisation ({clock}); "
 
 
 def kernel_backends(cfg: ExperimentConfig, built: BuiltModel) -> dict[str, str]:
-    """Op → backend for the ops this model runs (attention op; ``dam_splat`` for Sparse DETR)."""
+    """Op → backend for the ops this model runs (attention op; ``dam_splat`` for Sparse DETR;
+    ``stem_max_pool`` for a ResNet backbone, used on the CPU)."""
+    from sdetr.models.backbone import ResNetBackbone
     from sdetr.models.builder import attention_op
     out = {attention_op(cfg.model): built.kernel_backend}
     dam_backend = getattr(built.model, "dam_backend", "absent")
     if dam_backend != "absent":
         out["dam_splat"] = resolve_backend("dam_splat", dam_backend)
+    if isinstance(built.model.backbone, ResNetBackbone):
+        out["stem_max_pool"] = resolve_backend("stem_max_pool", built.model.backbone.body.maxpool.backend)
     return out
 
 

@@ -23,7 +23,8 @@ _PAPER_TRAIN_LAYERS: tuple[str, ...] = ("layer2", "layer3", "layer4")
 
 def build_backbone(name: str, *, frozen_bn: Optional[bool] = None, weights: Optional[str] = None,
                    drop_path_rate: float = 0.2, train_all: bool = False,
-                   zero_init_residual: bool = False) -> Backbone:
+                   zero_init_residual: bool = False,
+                   kernel_backend: Optional[str] = None) -> Backbone:
     """Build a backbone by name and optionally load a local weights file.
 
     Args:
@@ -38,6 +39,8 @@ def build_backbone(name: str, *, frozen_bn: Optional[bool] = None, weights: Opti
             layer1 frozen, Swin patch embedding + stage 1 (with its merging) frozen.
         zero_init_residual: ResNets only: every residual block's last BatchNorm starts at
             weight 0 (the block starts as the identity).
+        kernel_backend: ResNets only: backend of the stem's max pool op on the CPU (None: the
+            default / automatic one).
     """
     if name not in BACKBONE_NAMES:
         raise ValueError(f"build_backbone: unknown backbone {name!r}; expected one of {BACKBONE_NAMES}")
@@ -51,7 +54,8 @@ def build_backbone(name: str, *, frozen_bn: Optional[bool] = None, weights: Opti
         use_frozen_bn = _DEFAULT_FROZEN_BN[name] if frozen_bn is None else frozen_bn
         train_layers = RESNET_LAYERS if train_all else _PAPER_TRAIN_LAYERS
         backbone = ResNetBackbone(name, frozen_bn=use_frozen_bn, train_layers=train_layers,
-                                  zero_init_residual=zero_init_residual)
+                                  zero_init_residual=zero_init_residual,
+                                  kernel_backend=kernel_backend)
     if weights is not None:
         backbone.load_weights(weights)
     else:

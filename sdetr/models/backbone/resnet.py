@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Mapping, Optional
 
 import timm
-import torch
 from timm.models.resnet import BasicBlock, ResNet
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from sdetr.models.backbone.base import Backbone, freeze_batch_norm, set_trainable
+from sdetr.ops import stem_max_pool
 
 RESNET_CHANNELS: dict[str, list[int]] = {
     "resnet10": [128, 256, 512],
@@ -22,47 +22,25 @@ RESNET_LAYERS: tuple[str, ...] = ("conv1", "bn1", "layer1", "layer2", "layer3", 
 """Top-level parameter groups of the body; ``train_layers=RESNET_LAYERS`` trains everything."""
 
 
-_POOL_KERNEL, _POOL_STRIDE, _POOL_PADDING = (3, 3), (2, 2), (1, 1)  # the ResNet stem's max pool
-
-
-class _ChannelsLastMaxPool(torch.autograd.Function):
-    """3x3 / stride 2 / pad 1 max pool of an NCHW CPU tensor, computed in channels_last; the
-    output and the input gradient are contiguous NCHW."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        x_cl = x.contiguous(memory_format=torch.channels_last)
-        y, indices = torch.ops.aten.max_pool2d_with_indices(x_cl, _POOL_KERNEL, _POOL_STRIDE,
-                                                          _POOL_PADDING)
-        ctx.save_for_backward(x_cl, indices)
-        return y.contiguous()
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        x_cl, indices = ctx.saved_tensors
-        grad_cl = grad.contiguous(memory_format=torch.channels_last)
-        grad_x = torch.ops.aten.max_pool2d_with_indices_backward(
-            grad_cl, x_cl, _POOL_KERNEL, _POOL_STRIDE, _POOL_PADDING, (1, 1), False, indices)
-        return grad_x.contiguous()
-
-
 class StemMaxPool(nn.Module):
     """The ResNet stem's 3x3 / stride 2 / pad 1 max pool, (B, C, H, W) → (B, C, ⌈H/2⌉, ⌈W/2⌉).
 
-    On the CPU, torch's NCHW max-pool forward is about 30x slower than its channels_last one
-    (4 x 64 x 128 x 171, one thread: 72 against 2.4 ms, fp32 and bf16 alike), so CPU inputs
-    are pooled in channels_last (in training and at eval); the output and the gradient handed
-    back to the stem are contiguous NCHW, so nothing else of the network changes memory order.
-    Values and gradients are exactly those of ``nn.MaxPool2d(3, 2, 1)``; no parameters.
+    CPU tensors go through the op :func:`sdetr.ops.stem_max_pool` with ``backend`` (None: the
+    default / automatic one): torch's NCHW CPU forward of this pool is ~20-30x slower than its
+    channels_last one, which the ``reference`` backend uses (converting to channels_last and
+    back), while the ``compiled`` one pools NCHW directly. Output and input gradient are
+    contiguous NCHW; values and gradients are exactly those of ``nn.MaxPool2d(3, 2, 1)``, which
+    pools every other device. No parameters.
     """
+
+    def __init__(self, backend: Optional[str] = None) -> None:
+        super().__init__()
+        self.backend = backend
 
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type != "cpu":
-            return F.max_pool2d(x, _POOL_KERNEL, _POOL_STRIDE, _POOL_PADDING)
-        if torch.is_grad_enabled() and x.requires_grad:
-            return _ChannelsLastMaxPool.apply(x)
-        x_cl = x.contiguous(memory_format=torch.channels_last)
-        return F.max_pool2d(x_cl, _POOL_KERNEL, _POOL_STRIDE, _POOL_PADDING).contiguous()
+            return F.max_pool2d(x, 3, 2, 1)
+        return stem_max_pool(x, self.backend)
 
 
 def create_resnet(name: str, *, zero_init_last: bool) -> nn.Module:
@@ -94,11 +72,12 @@ class ResNetBackbone(Backbone):
             parameters get requires_grad=False. Default: stem and layer1 frozen (paper).
         zero_init_residual: start the last BatchNorm of every residual block at weight 0
             (timm's ``zero_init_last``), so that each block starts as the identity.
+        kernel_backend: backend of the stem's max pool op on the CPU (see :class:`StemMaxPool`).
     """
 
     def __init__(self, name: str = "resnet50", frozen_bn: bool = True,
                  train_layers: tuple[str, ...] = ("layer2", "layer3", "layer4"),
-                 zero_init_residual: bool = False) -> None:
+                 zero_init_residual: bool = False, kernel_backend: Optional[str] = None) -> None:
         super().__init__()
         if name not in RESNET_CHANNELS:
             raise ValueError(f"ResNetBackbone: unknown name {name!r}; "
@@ -109,7 +88,7 @@ class ResNetBackbone(Backbone):
                              f"expected names from {RESNET_LAYERS}")
         self.name = name
         self.body = create_resnet(name, zero_init_last=zero_init_residual)
-        self.body.maxpool = StemMaxPool()
+        self.body.maxpool = StemMaxPool(kernel_backend)
         if frozen_bn:
             freeze_batch_norm(self.body)
         set_trainable(self.body, tuple(train_layers))
