@@ -358,6 +358,37 @@ def test_kill9_mid_epoch_then_same_command_resumes_same_mlflow_run(base_run, tmp
     assert losses[2] == pytest.approx(base[2], rel=1e-6)
 
 
+@pytest.mark.parametrize("ray", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_sigterm_ends_the_mlflow_run_killed_and_exits_143(tmp_path, data_root, ray):
+    """In-process the engine ends its run KILLED; on Ray the driver does, once Ray has
+    stopped the workers (the run id from the run's progress.json)."""
+    cfg = run_config(data_root, tmp_path / "runs", "name=stopped", "train.epochs=50")
+    config = tmp_path / "stopped.yaml"
+    config.write_text(to_yaml(cfg))
+    run_dir, uri = tmp_path / "run", f"sqlite:///{tmp_path}/mlflow.db"
+    cmd = [c for c in _train_cmd(config, run_dir, uri) if not (ray and c == "--no-ray")]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            progress = run_dir / "progress.json"
+            if progress.exists() and json.loads(progress.read_text()).get("step", 0) >= 1:
+                break
+            time.sleep(0.1)
+        proc.terminate()
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert "interrupted" in out and "same command again to resume" in out
+    assert "Traceback" not in out
+    client = mlflow_client(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("sdetr").experiment_id])
+    assert run.info.status == "KILLED"
+
+
 # --------------------------------------------------------------------------- checkpoint files
 def _fake_checkpoint(ckpt_dir: Path, epoch: int) -> Path:
     path = ckpt_dir / ckpt.checkpoint_tag(epoch)

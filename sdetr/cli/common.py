@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 from sdetr.config import ExperimentConfig, load_config
 
@@ -35,3 +37,30 @@ def load_from_args(args: argparse.Namespace) -> ExperimentConfig:
 def print_json(obj: Any) -> None:
     json.dump(obj, sys.stdout, indent=2, sort_keys=False)
     sys.stdout.write("\n")
+
+
+EXIT_INTERRUPTED = 130  # Ctrl-C; SIGTERM exits with 128 + 15
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[list[int]]:
+    """Inside the block SIGTERM raises KeyboardInterrupt, so it unwinds like Ctrl-C (MLflow runs
+    closed KILLED, Ray shut down); yields the list of the SIGTERMs received. KeyboardInterrupt
+    rather than SystemExit because Ray turns other exceptions raised inside its waits into
+    SystemExit(1)."""
+    received: list[int] = []
+
+    def interrupt(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted_exit_code(received: list[int]) -> int:
+    """128 + the signal for a SIGTERM, else 130 (Ctrl-C)."""
+    return 128 + received[-1] if received else EXIT_INTERRUPTED

@@ -14,16 +14,14 @@ sweep's experiment is written (``sdetr report``; ``--no-report`` skips it). The 
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from sdetr.cli.common import add_set_arg, overrides_of
+from sdetr.cli.common import add_set_arg, interrupted_exit_code, overrides_of, sigterm_interrupts
 from sdetr.config import parse_override
 
 EXIT_RUN_FAILED = 1
-EXIT_INTERRUPTED = 130
 SUMMARY_METRICS = ("AP", "AP50", "APs")
 
 
@@ -51,16 +49,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-_SIGNALS: list[int] = []
-
-
-def _interrupt_on_sigterm(signum: int, frame: Any) -> None:
-    """SIGTERM unwinds like Ctrl-C (MLflow runs closed, Ray shut down); a KeyboardInterrupt,
-    because Ray turns any other exception raised inside its waits into SystemExit(1)."""
-    _SIGNALS.append(signum)
-    raise KeyboardInterrupt
-
-
 def run(args: argparse.Namespace) -> int:
     from sdetr.config import ConfigError
     from sdetr.orchestration import expand, load_sweep
@@ -75,16 +63,14 @@ def run(args: argparse.Namespace) -> int:
         print(format_dry_run(spec, plans, dry_run_rows(spec, plans, flops=args.flops)))
         return 0
     from sdetr.orchestration.runner import run_sweep
-    previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
-    try:
-        result = run_sweep(spec, plans, address=args.address, force=args.force,
-                           max_concurrent=args.max_concurrent, progress=not args.no_progress)
-    except KeyboardInterrupt:
-        print(f"\nsdetr: sweep {spec.name} interrupted; its unfinished runs are marked KILLED "
-              f"in MLflow. Run the same command again to resume them.", file=sys.stderr)
-        return 128 + _SIGNALS[-1] if _SIGNALS else EXIT_INTERRUPTED
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with sigterm_interrupts() as received:
+        try:
+            result = run_sweep(spec, plans, address=args.address, force=args.force,
+                               max_concurrent=args.max_concurrent, progress=not args.no_progress)
+        except KeyboardInterrupt:
+            print(f"\nsdetr: sweep {spec.name} interrupted; its unfinished runs are marked "
+                  f"KILLED in MLflow. Run the same command again to resume them.", file=sys.stderr)
+            return interrupted_exit_code(received)
     print(format_summary(spec, result))
     if not args.no_report:
         write_sweep_report(spec.experiment, result, args.report_out)

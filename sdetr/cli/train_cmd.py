@@ -4,7 +4,8 @@
 ``sdetr train my.yaml --set train.epochs=1 --no-ray``   (one process, for debugging)
 
 Run directory: ``<train.output_dir>/<name>`` (or ``--run-dir``). Running the same command
-again resumes from the newest complete checkpoint, or says the run is finished.
+again resumes from the newest complete checkpoint, or says the run is finished. Ctrl-C or
+SIGTERM stop it (exit 130 / 143; in-process, its MLflow run is ended KILLED).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sdetr.cli.common import add_config_args, load_from_args
+from sdetr.cli.common import (add_config_args, interrupted_exit_code, load_from_args,
+                              sigterm_interrupts)
 
 EXIT_TRAINING_FAILED = 1
 TABLE_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
@@ -56,15 +58,20 @@ def run(args: argparse.Namespace) -> int:
     if args.workers is not None or args.no_ray:
         args.overrides.append([f"train.workers={1 if args.no_ray else args.workers}"])
     cfg = load_from_args(args)
-    try:
-        result = run_training(cfg, workers=args.workers, resume=args.resume,
-                              tracking_uri=args.tracking_uri, use_ray=not args.no_ray,
-                              run_dir=args.run_dir, experiment=args.experiment,
-                              track=not args.no_track, max_failures=args.max_failures,
-                              progress=not args.no_progress)
-    except TrainingError as exc:
-        print(f"sdetr: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return EXIT_TRAINING_FAILED
+    with sigterm_interrupts() as received:
+        try:
+            result = run_training(cfg, workers=args.workers, resume=args.resume,
+                                  tracking_uri=args.tracking_uri, use_ray=not args.no_ray,
+                                  run_dir=args.run_dir, experiment=args.experiment,
+                                  track=not args.no_track, max_failures=args.max_failures,
+                                  progress=not args.no_progress)
+        except TrainingError as exc:
+            print(f"sdetr: error: {' '.join(str(exc).split())}", file=sys.stderr)
+            return EXIT_TRAINING_FAILED
+        except KeyboardInterrupt:
+            print(f"\nsdetr: training of {cfg.name} interrupted; its checkpoints stay in its run "
+                  f"directory. Run the same command again to resume it.", file=sys.stderr)
+            return interrupted_exit_code(received)
     if result.status == "already_finished":
         print(f"run {cfg.name} already finished ({result.epochs} epochs) in {result.run_dir}; "
               "nothing to do (--resume never starts over)")

@@ -15,6 +15,8 @@ import json
 import logging
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,12 +119,39 @@ def run_training(cfg: ExperimentConfig, *, workers: Optional[int] = None,
     logger.info("training %s in %s: %d worker(s)%s, %d micro-batch(es) per step", cfg.name,
                 run_dir, world, " on Ray" if use_ray else " in this process",
                 accumulation_steps(cfg.train.batch_size, cfg.train.micro_batch_size, world))
-    launch_workers(args, world, resources_per_worker or worker_resources(cfg.train.cpus, world),
-                   max_failures=max_failures)
+    try:
+        launch_workers(args, world, resources_per_worker or worker_resources(cfg.train.cpus, world),
+                       max_failures=max_failures)
+    except KeyboardInterrupt:  # in-process, the engine ended its run KILLED itself
+        if use_ray and track:
+            end_interrupted_run(run_dir, args.tracking_uri)
+        raise
     result = read_result(run_dir)
     if result is None:
         raise RuntimeError(f"training ended without writing {run_dir / RESULT_FILE}")
     return _result(run_dir, result, "finished", time.perf_counter() - start)
+
+
+def end_interrupted_run(run_dir: Path, tracking_uri: str) -> None:
+    """End KILLED the MLflow run that rank 0 was tracking into (its id in the run's
+    ``progress.json``) when it is still RUNNING: Ray stopped the workers without letting them
+    end it. Any MLflow error is logged, not raised (the interruption is what the user sees)."""
+    from mlflow.exceptions import MlflowException
+
+    from sdetr.engine.progress_file import read_progress
+    from sdetr.tracking.mlflow_tracker import open_client
+
+    run_id = (read_progress(run_dir) or {}).get("mlflow_run_id")
+    if not run_id:
+        return
+    try:
+        client = open_client(tracking_uri)
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "sdetr.error", "interrupted (Ctrl-C or SIGTERM)")
+            client.set_terminated(run_id, "KILLED")
+            logger.info("MLflow run %s ended KILLED", run_id)
+    except MlflowException as exc:
+        logger.warning("MLflow run %s not ended: %s", run_id, " ".join(str(exc).split())[:300])
 
 
 def _world_size(cfg: ExperimentConfig, workers: Optional[int], use_ray: bool) -> int:
@@ -269,9 +298,14 @@ def run_on_ray(args: WorkerArgs, scaling: ScalingConfigArgs, max_failures: int,
 
     started = not ray.is_initialized()
     if started:  # $RAY_ADDRESS joins an existing cluster; otherwise always a fresh local one
+        on_sigterm = signal.getsignal(signal.SIGTERM)
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
                  configure_logging=False,
                  runtime_env={"worker_process_setup_hook": ray_hooks.HOOK})
+        # Ray's core worker installs a crash handler for SIGTERM that aborts the process; keep
+        # the caller's (sdetr train turns SIGTERM into KeyboardInterrupt: Ray is shut down)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_sigterm)
     try:
         trainer = TorchTrainer(
             worker, train_loop_config={**dataclasses.asdict(args), **(extra or {})},

@@ -4,7 +4,8 @@ Rank 0 rewrites the file atomically at most every ``interval_s`` seconds while i
 whenever the run changes phase. Fields: ``phase`` ("train", "eval", "profile", "done"),
 ``epoch`` (1-based epoch in progress), ``epochs``, ``step`` / ``steps`` (optimizer steps done /
 per epoch in this epoch), ``seconds_per_step`` (this epoch so far), ``pid``, ``node_id`` (Ray
-node, "" outside Ray), ``updated`` (Unix time).
+node, "" outside Ray), ``mlflow_run_id`` ("" until tracking starts, or untracked), ``updated``
+(Unix time).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class ProgressFile:
         self.interval_s = interval_s
         self.node_id = ray_node_id() if enabled else ""
         self.inner: Any = None
+        self.mlflow_run_id = ""
         self.epoch, self.step = 0, 0
         self._start = self._last = 0.0
 
@@ -97,7 +99,8 @@ class ProgressFile:
         per_step = (self._last - self._start) / self.step if self.step else None
         record = {"phase": name, "epoch": self.epoch, "epochs": self.epochs,
                   "step": self.step, "steps": self.steps, "seconds_per_step": per_step,
-                  "pid": os.getpid(), "node_id": self.node_id, "updated": time.time()}
+                  "pid": os.getpid(), "node_id": self.node_id,
+                  "mlflow_run_id": self.mlflow_run_id, "updated": time.time()}
         try:
             atomic_write_text(self.path, json.dumps(record))
         except OSError as exc:  # progress is informative: never stop a run for it

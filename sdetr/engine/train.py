@@ -192,6 +192,7 @@ class Trainer:
             run_id=resumed, parent_run_id=None if resumed else self.args.parent_run_id,
             enabled=self.args.track)
         self.state.mlflow_run_id = self.tracker.start() or None
+        self.progress.mlflow_run_id = self.state.mlflow_run_id or ""
         self.tracker.log_params(flatten(self.cfg))
         tags = run_tags(self.cfg, kernel_backend=self.kernel_backend,
                         world_size=self.ctx.world_size, device=self.ctx.device.type)
