@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 
 import torch
 
@@ -63,3 +64,15 @@ def assert_same_matching_outputs(a: dict, b: dict) -> None:
     if "extra_losses" in b:
         torch.testing.assert_close(a["extra_losses"]["loss_dam"], b["extra_losses"]["loss_dam"],
                                    rtol=1e-5, atol=1e-6)
+
+
+def stop_with_sigterm(proc: subprocess.Popen, wait_s: float = 120) -> str:
+    """SIGTERM ``proc`` and return its output (text mode, stdout piped); SIGKILL it if it is
+    still alive after ``wait_s`` seconds."""
+    try:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=wait_s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return out

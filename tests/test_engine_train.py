@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import micro_config
+from helpers import micro_config, stop_with_sigterm
 from sdetr.config import ExperimentConfig, to_yaml
 from sdetr.data import synth_main
 from sdetr.engine import checkpoints as ckpt
@@ -376,11 +376,8 @@ def test_sigterm_ends_the_mlflow_run_killed_and_exits_143(tmp_path, data_root, r
             if progress.exists() and json.loads(progress.read_text()).get("step", 0) >= 1:
                 break
             time.sleep(0.1)
-        proc.terminate()
-        out, _ = proc.communicate(timeout=120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        out = stop_with_sigterm(proc)
     assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
     assert "interrupted" in out and "same command again to resume" in out
     assert "Traceback" not in out

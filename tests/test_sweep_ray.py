@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from helpers import stop_with_sigterm
 
 pytestmark = pytest.mark.slow
 
@@ -255,11 +256,8 @@ def test_sigterm_closes_every_mlflow_run_and_stops_ray(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(progress_at_epoch(sweep, 1), 240, "the first run's training", proc)
-        proc.terminate()
-        out, _ = proc.communicate(timeout=120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        out = stop_with_sigterm(proc)
     assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
     assert "Run the same command again to resume" in out
     kids = children(sweep.uri)
