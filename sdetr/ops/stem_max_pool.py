@@ -54,15 +54,15 @@ def stem_max_pool_backward(grad_output: Tensor, x: Tensor, indices: Tensor) -> T
 class _StemMaxPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, backend: str) -> Tensor:
-        y, indices = backends.get_backend(OP_NAME, backend).forward(x)
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(x, indices)
+        ctx.backend = backends.get_backend(OP_NAME, backend)
+        y, indices = ctx.backend.forward(x)
+        ctx.save_for_backward(x, indices)
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         x, indices = ctx.saved_tensors
-        return stem_max_pool_backward(grad, x, indices), None
+        return ctx.backend.backward(grad, x, indices), None
 
 
 def stem_max_pool(x: Tensor, backend: str | None = None) -> Tensor:
