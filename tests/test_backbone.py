@@ -334,3 +334,31 @@ def test_stem_max_pool_gradcheck_and_resnet_uses_it() -> None:
     x = torch.randn(1, 3, 11, 14, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(StemMaxPool(), (x,))
     assert isinstance(build_backbone("resnet18").body.maxpool, StemMaxPool)
+
+
+def test_channels_last_resnet_matches_nchw_in_values_and_gradients() -> None:
+    """``channels_last`` changes the layout, not the model: same outputs and weight gradients
+    (up to the convolutions' summation order), maps channels_last, and the stem pooled by
+    torch's channels_last kernel (the NCHW op is for NCHW maps)."""
+    torch.manual_seed(0)
+    nchw = build_backbone("resnet18", frozen_bn=False, train_all=True).train()
+    torch.manual_seed(0)
+    nhwc = build_backbone("resnet18", frozen_bn=False, train_all=True,
+                          channels_last=True).train()
+    nhwc.weights_to_channels_last()
+    conv = nhwc.body.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    x = torch.randn(2, 3, 64, 80)
+    outs, refs = nhwc(x), nchw(x)
+    for out, ref in zip(outs, refs):
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    sum(o.square().sum() for o in outs).backward()
+    sum(r.square().sum() for r in refs).backward()
+    for (name, p), q in zip(nhwc.named_parameters(), nchw.parameters()):
+        error = float((p.grad - q.grad).norm() / q.grad.norm())
+        assert error < 1e-4, (name, error)
+    pooled = nhwc.body.maxpool(torch.randn(1, 4, 9, 9).contiguous(memory_format=torch.channels_last))
+    assert pooled.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="channels_last apply to ResNets"):
+        build_backbone("swin_t", channels_last=True)

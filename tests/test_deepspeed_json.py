@@ -210,3 +210,27 @@ def test_engine_owned_keys_are_in_the_generated_config():
         for key in path:
             node = node[key]
         assert node is not None
+
+
+def test_channels_last_backbone_weights_follow_after_the_engine_broadcast(caplog):
+    """The engine lays a channels_last ResNet's weights out channels_last once it exists (its
+    start-up broadcast needs NCHW bytes), keeps them NCHW with a warning under ZeRO 2, and
+    leaves other backbones alone."""
+    from helpers import build_micro
+    if not dist.is_initialized():
+        init_single_process_group("gloo")
+    for stage, want_nhwc in ((0, True), (2, False)):
+        model = build_micro("sparse_detr_tiny", "model.backbone.channels_last=true").model
+        config = deepspeed_config(_train(zero_stage=stage, batch_size=2, micro_batch_size=2,
+                                         workers=1), 1)
+        with caplog.at_level("WARNING", logger="sdetr.engine.deepspeed_engine"):
+            engine = initialize_engine(model, torch.optim.AdamW(model.parameters(), lr=1e-4),
+                                       config, use_gpu=False)
+        weight = engine.module.backbone.body.layer1[0].conv1.weight
+        assert weight.is_contiguous(memory_format=torch.channels_last) is want_nhwc
+        assert ("weights stay NCHW under ZeRO stage 2" in caplog.text) is (stage == 2)
+    plain = build_micro("sparse_detr_tiny", "model.backbone.channels_last=false").model
+    initialize_engine(plain, torch.optim.AdamW(plain.parameters(), lr=1e-4),
+                      deepspeed_config(_train(zero_stage=0, batch_size=2, micro_batch_size=2,
+                                              workers=1), 1), use_gpu=False)
+    assert plain.backbone.body.layer1[0].conv1.weight.is_contiguous()

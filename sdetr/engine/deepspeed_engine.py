@@ -248,6 +248,23 @@ def import_deepspeed(use_gpu: bool) -> ModuleType:
     return deepspeed
 
 
+def backbone_weights_to_channels_last(model: nn.Module, config: dict[str, Any]) -> None:
+    """Lay a ``channels_last`` backbone's weights out channels_last, once the engine exists
+    (its start-up broadcast views every weight as NCHW bytes). Not under ZeRO 1/2 or bf16
+    weights, whose flat buffers alias the weights: those stay NCHW, with a warning."""
+    backbone = getattr(model, "backbone", None)
+    if not getattr(backbone, "channels_last", False):
+        return
+    stage, bf16 = config["zero_optimization"]["stage"], config["bf16"]["enabled"]
+    if stage == 0 and not bf16:
+        backbone.weights_to_channels_last()
+        return
+    logger.warning("model.backbone.channels_last: the backbone's weights stay NCHW under ZeRO "
+                   "stage %d / bf16 weights %s (DeepSpeed's flat buffers alias them); its maps "
+                   "are channels_last and its convolutions convert the weights at every call",
+                   stage, bf16)
+
+
 def initialize_engine(model: nn.Module, optimizer: Optimizer, config: dict[str, Any], *,
                       use_gpu: bool) -> Any:
     """``deepspeed.initialize`` on ``model`` with our ``optimizer``; returns the engine.
@@ -262,6 +279,7 @@ def initialize_engine(model: nn.Module, optimizer: Optimizer, config: dict[str, 
         # A one-rank all-reduce only copies the gradients through flat buffers and back
         # (1.8-2.5% of a _tiny step, measured by `sdetr bench train`); the result is the same.
         engine.enable_backward_allreduce = False
+    backbone_weights_to_channels_last(model, config)
     logger.info("DeepSpeed engine: ZeRO stage %d, bf16 weights %s, %d micro-batches per step, "
                 "clip %.3g", config["zero_optimization"]["stage"], config["bf16"]["enabled"],
                 config["gradient_accumulation_steps"], config["gradient_clipping"])

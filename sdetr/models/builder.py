@@ -17,6 +17,7 @@ from sdetr.models.backbone import build_backbone
 from sdetr.models.criterion import SetCriterion, build_weight_dict
 from sdetr.models.decoder import DeformableDecoder, DeformableDecoderLayer
 from sdetr.models.denoising import DenoisingQueries
+from sdetr.models.dense_aux import DenseTokenHead
 from sdetr.models.detector import DeformableDETR
 from sdetr.models.encoder import DeformableEncoderLayer
 from sdetr.models.encoders import DenseEncoder
@@ -60,7 +61,7 @@ def build_model(cfg: ModelConfig, *, kernel_backend: Optional[str] = None) -> De
     backbone = build_backbone(bb.name, frozen_bn=bb.frozen_bn, weights=bb.weights,
                               drop_path_rate=bb.drop_path_rate, train_all=bb.train_all,
                               zero_init_residual=bb.zero_init_residual,
-                              kernel_backend=backend)
+                              kernel_backend=backend, channels_last=bb.channels_last)
     dec_layer = DeformableDecoderLayer(cfg.hidden_dim, cfg.dim_feedforward, cfg.dropout,
                                        attn=build_attention(cfg, cfg.dec_n_points, backend))
     # §6.5: heads are independent copies with box refinement or encoder auxiliary heads.
@@ -81,6 +82,7 @@ def build_model(cfg: ModelConfig, *, kernel_backend: Optional[str] = None) -> De
         box_refine=cfg.box_refine,
         aux_loss=cfg.loss.aux_loss,
         denoiser=build_denoiser(cfg),
+        dense_head=DenseTokenHead(cfg.hidden_dim, cfg.num_classes) if cfg.dense_aux else None,
     )
     if cfg.selects_tokens:
         resolve_backend("dam_splat", backend)
@@ -167,6 +169,7 @@ def build_criterion(cfg: ModelConfig) -> SetCriterion:
         extra=_extra_weights(cfg),
         one2many_coef=loss.one2many_coef if cfg.one2many_queries else 0.0,
         dn_coef=loss.dn_coef if cfg.dn_groups else 0.0,
+        dense_coef=loss.dense_coef if cfg.dense_aux else 0.0,
     )
     return SetCriterion(cfg.num_classes, matcher, weights, focal_alpha=loss.focal_alpha,
                         one2many_repeats=cfg.one2many_repeats if cfg.one2many_queries else 0,

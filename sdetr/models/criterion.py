@@ -13,6 +13,9 @@ Output sets and their loss-key suffixes:
 * ``one2many_outputs`` (hybrid matching's one-to-many queries, training only): ``_o2m`` for its
   final layer and ``_o2m_{i}`` for its ``aux_outputs[i]``, matched against every image's
   targets repeated ``one2many_repeats`` times and normalised by that many times num_boxes;
+* ``dense_outputs`` (the dense token head, training only; :mod:`sdetr.models.dense_aux`):
+  ``_dense``, NOT matched: every token near an object's centre on a level that fits its size
+  is a positive of it; normalised by the number of positives (over the ranks);
 * ``dn_outputs`` (denoising queries, training only): ``_dn`` and ``_dn_{i}``, NOT matched: each
   query is assigned to the target it is a noised copy of (``dn_outputs["plan"].indices()``), the
   padding queries are negatives, normalised by G times num_boxes.
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdetr.models.box_ops import box_cxcywh_to_xyxy, elementwise_iou_and_giou
+from sdetr.models.dense_aux import dense_assignment
 from sdetr.models.matcher import HungarianMatcher, MatchIndices, Target, upcast_to_fp32
 
 logger = logging.getLogger(__name__)
@@ -72,7 +76,12 @@ def normalised_num_boxes(targets: list[Target], device: torch.device) -> Tensor:
 
     Returns a float32 scalar tensor on ``device`` (no host sync).
     """
-    num_boxes = torch.as_tensor(float(sum(len(t["labels"]) for t in targets)), dtype=torch.float32, device=device)
+    return normalised_count(sum(len(t["labels"]) for t in targets), device)
+
+
+def normalised_count(count: int, device: torch.device) -> Tensor:
+    """``count`` averaged over distributed ranks, at least 1: a float32 scalar on ``device``."""
+    num_boxes = torch.as_tensor(float(count), dtype=torch.float32, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(num_boxes)
         num_boxes = num_boxes / dist.get_world_size()
@@ -90,17 +99,20 @@ def build_weight_dict(
     extra: Mapping[str, float] | None = None,
     one2many_coef: float = 0.0,
     dn_coef: float = 0.0,
+    dense_coef: float = 0.0,
 ) -> dict[str, float]:
     """Weight of every loss key: final set, ``_{i}`` for i < num_dec_aux, ``_enc`` if has_enc,
     ``_enc_{i}`` for i < num_enc_aux, plus ``extra`` (e.g. ``{"loss_dam": 1.0}``) as given.
     With ``one2many_coef`` > 0 the decoder sets' keys also come with ``_o2m`` after their
     ``loss_*`` name (``loss_ce_o2m``, ``loss_ce_o2m_0``, ...), weighted ``one2many_coef`` times;
-    likewise ``_dn`` (denoising queries) with ``dn_coef`` > 0.
+    likewise ``_dn`` (denoising queries) with ``dn_coef`` > 0. With ``dense_coef`` > 0 the
+    dense token head's ``loss_*_dense`` keys, weighted ``dense_coef`` times.
     """
     if num_dec_aux < 0 or num_enc_aux < 0:
         raise ValueError(f"num_dec_aux ({num_dec_aux}) and num_enc_aux ({num_enc_aux}) must be >= 0")
-    if one2many_coef < 0 or dn_coef < 0:
-        raise ValueError(f"one2many_coef ({one2many_coef}) and dn_coef ({dn_coef}) must be >= 0")
+    if min(one2many_coef, dn_coef, dense_coef) < 0:
+        raise ValueError(f"one2many_coef ({one2many_coef}), dn_coef ({dn_coef}) and dense_coef "
+                         f"({dense_coef}) must be >= 0")
     base = {"loss_ce": cls_coef, "loss_bbox": bbox_coef, "loss_giou": giou_coef}
     decoder_sets = [""] + [f"_{i}" for i in range(num_dec_aux)]
     suffixes = list(decoder_sets)
@@ -110,6 +122,8 @@ def build_weight_dict(
     for tag, coef in (("_o2m", one2many_coef), ("_dn", dn_coef)):
         if coef > 0:
             weights.update({k + tag + s: v * coef for s in decoder_sets for k, v in base.items()})
+    if dense_coef > 0:
+        weights.update({k + "_dense": v * dense_coef for k, v in base.items()})
     for key, value in (extra or {}).items():
         if key in weights:
             raise ValueError(f"extra weight key {key!r} clashes with a set-loss key")
@@ -256,6 +270,8 @@ class SetCriterion(nn.Module):
             losses.update(self.one2many_losses(outputs["one2many_outputs"], targets, num_boxes))
         if "dn_outputs" in outputs:
             losses.update(self.denoising_losses(outputs["dn_outputs"], targets, num_boxes))
+        if "dense_outputs" in outputs:
+            losses.update(self.dense_losses(outputs["dense_outputs"], targets))
         if "enc_outputs" in outputs:
             enc = outputs["enc_outputs"]
             if "class_specific" not in enc:
@@ -309,6 +325,25 @@ class SetCriterion(nn.Module):
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             losses.update(self.assigned_losses(aux, targets, indices, scaled, f"_dn_{i}"))
         return losses
+
+    def dense_losses(self, outputs: Mapping[str, Tensor], targets: list[Target]
+                     ) -> dict[str, Tensor]:
+        """The dense token head's losses (``loss_*_dense``): focal over every valid token and
+        class, L1 and GIoU over the positives of :func:`dense_assignment`, each summed and
+        divided by the number of positives (averaged over the ranks)."""
+        invalid = outputs["invalid"]
+        device = outputs["pred_logits"].device
+        with torch.no_grad():
+            pairs = [dense_assignment(outputs["points"][b], outputs["cells"][b],
+                                      outputs["levels"], invalid[b], t["boxes"].to(device))
+                     for b, t in enumerate(targets)]
+        indices = [(tokens, objects) for tokens, objects in pairs]
+        num_pos = normalised_count(sum(len(tokens) for tokens, _ in pairs), device)
+        loss_bbox, loss_giou, iou = self.loss_boxes(outputs["pred_boxes"], targets, indices,
+                                                    num_pos)
+        logits = outputs["pred_logits"].masked_fill(invalid.unsqueeze(-1), -1e4)
+        return {"loss_ce_dense": self.loss_labels(logits, targets, indices, num_pos, iou),
+                "loss_bbox_dense": loss_bbox, "loss_giou_dense": loss_giou}
 
     def total_loss(self, losses: Mapping[str, Tensor]) -> Tensor:
         """Weighted sum ``sum_k weight_dict[k] * losses[k]`` over keys present in both."""

@@ -16,6 +16,8 @@ Output dict (training and eval):
     aux_outputs: list of the same for decoder layers 0..L-2 (when ``aux_loss``);
     one2many_outputs: the same three keys for the one-to-many queries of hybrid matching
         (training only, when the query selector adds them; see :mod:`sdetr.models.queries`);
+    dense_outputs: the dense token head's per-token predictions and geometry (training only,
+        when the detector has a ``dense_head``; see :mod:`sdetr.models.dense_aux`);
     dn_outputs: the same three keys for the denoising queries plus ``plan`` (their
         :class:`~sdetr.models.denoising.DenoisingPlan`; training with targets, when the
         detector has a ``denoiser``; see :mod:`sdetr.models.denoising`);
@@ -36,6 +38,7 @@ from torch import Tensor, nn
 
 from sdetr.models.attention import MSDeformAttn
 from sdetr.models.decoder import DecoderOutput, DeformableDecoder
+from sdetr.models.dense_aux import DenseTokenHead
 from sdetr.models.denoising import DenoisingQueries
 from sdetr.models.heads import HeadStack
 from sdetr.models.neck import FeatureSet, InputProjection, flatten_levels, level_masks
@@ -78,13 +81,16 @@ class DeformableDETR(nn.Module):
         aux_loss: also return predictions of the intermediate decoder layers.
         denoiser: adds denoising queries in training when ``forward`` gets the targets (needs a
             query selector with 4-d references and ``position_queries``).
+        dense_head: in training, predicts a class and a box for every encoder token, trained
+            one-to-many (the ``dense_outputs`` set); unused at eval.
     """
 
     def __init__(self, backbone: nn.Module, input_proj: InputProjection, encoder: nn.Module,
                  query_selector: nn.Module, decoder: DeformableDecoder, heads: HeadStack, *,
                  num_levels: int, hidden_dim: int, proposals: Optional[ProposalProjection] = None,
                  box_refine: bool = False, aux_loss: bool = True,
-                 denoiser: Optional[DenoisingQueries] = None) -> None:
+                 denoiser: Optional[DenoisingQueries] = None,
+                 dense_head: Optional[DenseTokenHead] = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.input_proj = input_proj
@@ -97,6 +103,7 @@ class DeformableDETR(nn.Module):
         self.box_refine = box_refine
         self.aux_loss = aux_loss
         self.denoiser = denoiser
+        self.dense_head = dense_head
         self.reset_transformer_parameters()
 
     # ---------------------------------------------------------------------------- seams
@@ -150,6 +157,8 @@ class DeformableDETR(nn.Module):
             out["enc_outputs"] = queries.enc_outputs
         if encoded.aux_outputs:
             out["enc_aux_outputs"] = encoded.aux_outputs
+        if self.dense_head is not None and self.training:
+            out["dense_outputs"] = self.dense_head(encoded.memory, feats)
         return out
 
     def forward(self, images: Tensor, masks: Tensor,

@@ -24,7 +24,8 @@ _PAPER_TRAIN_LAYERS: tuple[str, ...] = ("layer2", "layer3", "layer4")
 def build_backbone(name: str, *, frozen_bn: Optional[bool] = None, weights: Optional[str] = None,
                    drop_path_rate: float = 0.2, train_all: bool = False,
                    zero_init_residual: bool = False,
-                   kernel_backend: Optional[str] = None) -> Backbone:
+                   kernel_backend: Optional[str] = None,
+                   channels_last: bool = False) -> Backbone:
     """Build a backbone by name and optionally load a local weights file.
 
     Args:
@@ -41,12 +42,14 @@ def build_backbone(name: str, *, frozen_bn: Optional[bool] = None, weights: Opti
             weight 0 (the block starts as the identity).
         kernel_backend: ResNets only: backend of the stem's max pool op on the CPU (None: the
             default / automatic one).
+        channels_last: ResNets only: weights and feature maps in channels_last memory.
     """
     if name not in BACKBONE_NAMES:
         raise ValueError(f"build_backbone: unknown backbone {name!r}; expected one of {BACKBONE_NAMES}")
     if name == "swin_t":
-        if zero_init_residual:
-            raise ValueError("build_backbone: zero_init_residual applies to ResNets, not swin_t")
+        if zero_init_residual or channels_last:
+            raise ValueError("build_backbone: zero_init_residual and channels_last apply to "
+                             "ResNets, not swin_t")
         if frozen_bn is False:
             raise ValueError("build_backbone: frozen_bn=False does not apply to swin_t (it has no BatchNorm)")
         backbone: Backbone = SwinBackbone(drop_path_rate=drop_path_rate, frozen_stages=-1 if train_all else 2)
@@ -55,7 +58,7 @@ def build_backbone(name: str, *, frozen_bn: Optional[bool] = None, weights: Opti
         train_layers = RESNET_LAYERS if train_all else _PAPER_TRAIN_LAYERS
         backbone = ResNetBackbone(name, frozen_bn=use_frozen_bn, train_layers=train_layers,
                                   zero_init_residual=zero_init_residual,
-                                  kernel_backend=kernel_backend)
+                                  kernel_backend=kernel_backend, channels_last=channels_last)
     if weights is not None:
         backbone.load_weights(weights)
     else:

@@ -98,6 +98,10 @@ class Backbone(nn.Module):
         super().__init__()
         self.load_report: Optional[LoadReport] = None
 
+    def weights_to_channels_last(self) -> None:
+        """Lay the weights out in the memory format the backbone computes in best, where it
+        has one (ResNets built with ``channels_last``); by default nothing."""
+
     def forward(self, images: Tensor) -> list[Tensor]:
         raise NotImplementedError
 

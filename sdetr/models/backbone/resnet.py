@@ -6,6 +6,7 @@ from typing import Mapping, Optional
 
 import timm
 from timm.models.resnet import BasicBlock, ResNet
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -30,7 +31,8 @@ class StemMaxPool(nn.Module):
     channels_last one, which the ``reference`` backend uses (converting to channels_last and
     back), while the ``compiled`` one pools NCHW directly. Output and input gradient are
     contiguous NCHW; values and gradients are exactly those of ``nn.MaxPool2d(3, 2, 1)``, which
-    pools every other device. No parameters.
+    pools every other device and channels_last CPU tensors (the layout torch's kernel is fast
+    in; the output stays channels_last). No parameters.
     """
 
     def __init__(self, backend: Optional[str] = None) -> None:
@@ -38,9 +40,16 @@ class StemMaxPool(nn.Module):
         self.backend = backend
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or _is_channels_last(x):
             return F.max_pool2d(x, 3, 2, 1)
         return stem_max_pool(x, self.backend)
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    """True for a (B, C, H, W) tensor laid out channels_last (and not also plain contiguous,
+    as a C = 1 or 1 x 1 map is)."""
+    return (x.is_contiguous(memory_format=torch.channels_last)
+            and not x.is_contiguous())
 
 
 def create_resnet(name: str, *, zero_init_last: bool) -> nn.Module:
@@ -73,11 +82,18 @@ class ResNetBackbone(Backbone):
         zero_init_residual: start the last BatchNorm of every residual block at weight 0
             (timm's ``zero_init_last``), so that each block starts as the identity.
         kernel_backend: backend of the stem's max pool op on the CPU (see :class:`StemMaxPool`).
+        channels_last: convert the images to channels_last memory; the output maps are then
+            channels_last too (same shapes and values up to the convolutions' summation
+            order), and the stem pools with torch's channels_last kernel, not the NCHW op. The
+            weights follow with :meth:`weights_to_channels_last` (the training engine calls
+            it once DeepSpeed has broadcast them: its broadcast needs NCHW weights); with
+            NCHW weights oneDNN converts them at every call and nothing is gained.
     """
 
     def __init__(self, name: str = "resnet50", frozen_bn: bool = True,
                  train_layers: tuple[str, ...] = ("layer2", "layer3", "layer4"),
-                 zero_init_residual: bool = False, kernel_backend: Optional[str] = None) -> None:
+                 zero_init_residual: bool = False, kernel_backend: Optional[str] = None,
+                 channels_last: bool = False) -> None:
         super().__init__()
         if name not in RESNET_CHANNELS:
             raise ValueError(f"ResNetBackbone: unknown name {name!r}; "
@@ -92,12 +108,21 @@ class ResNetBackbone(Backbone):
         if frozen_bn:
             freeze_batch_norm(self.body)
         set_trainable(self.body, tuple(train_layers))
+        self.channels_last = channels_last
         self.out_channels = list(RESNET_CHANNELS[name])
         self.strides = [8, 16, 32]
+
+    def weights_to_channels_last(self) -> None:
+        """With ``channels_last``, lay the body's weights out channels_last (in place: the
+        parameter objects, and so an optimizer's references, stay the same); else nothing."""
+        if self.channels_last:
+            self.body.to(memory_format=torch.channels_last)
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """images (B, 3, H, W) → [C3 (B, C, ⌈H/8⌉, ⌈W/8⌉), C4 (…/16), C5 (…/32)]."""
         body = self.body
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         x = body.maxpool(body.act1(body.bn1(body.conv1(images))))
         c3 = body.layer2(body.layer1(x))
         c4 = body.layer3(c3)

@@ -21,6 +21,7 @@ from torch import nn
 
 from sdetr.models.decoder import DecoderOutput, DeformableDecoder
 from sdetr.models.denoising import DenoisingQueries
+from sdetr.models.dense_aux import DenseTokenHead
 from sdetr.models.detector import DeformableDETR, EncoderOutput
 from sdetr.models.heads import HeadStack
 from sdetr.models.neck import FeatureSet, InputProjection
@@ -48,10 +49,12 @@ class SparseDETR(DeformableDETR):
                  num_levels: int, hidden_dim: int, proposals: Optional[ProposalProjection] = None,
                  box_refine: bool = False, aux_loss: bool = True, dam_loss: bool = True,
                  track_corr: bool = True, dam_backend: Optional[str] = None,
-                 denoiser: Optional[DenoisingQueries] = None) -> None:
+                 denoiser: Optional[DenoisingQueries] = None,
+                 dense_head: Optional[DenseTokenHead] = None) -> None:
         super().__init__(backbone, input_proj, encoder, query_selector, decoder, heads,
                          num_levels=num_levels, hidden_dim=hidden_dim, proposals=proposals,
-                         box_refine=box_refine, aux_loss=aux_loss, denoiser=denoiser)
+                         box_refine=box_refine, aux_loss=aux_loss, denoiser=denoiser,
+                         dense_head=dense_head)
         self.dam_loss = dam_loss
         self.track_corr = track_corr
         self.dam_backend = dam_backend
