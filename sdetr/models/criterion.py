@@ -337,12 +337,12 @@ class SetCriterion(nn.Module):
             pairs = [dense_assignment(outputs["points"][b], outputs["cells"][b],
                                       outputs["levels"], invalid[b], t["boxes"].to(device))
                      for b, t in enumerate(targets)]
-        indices = [(tokens, objects) for tokens, objects in pairs]
         num_pos = normalised_count(sum(len(tokens) for tokens, _ in pairs), device)
-        loss_bbox, loss_giou, iou = self.loss_boxes(outputs["pred_boxes"], targets, indices,
+        loss_bbox, loss_giou, iou = self.loss_boxes(outputs["pred_boxes"], targets, pairs,
                                                     num_pos)
+        # padding tokens: a logit whose focal loss and gradient are 0
         logits = outputs["pred_logits"].masked_fill(invalid.unsqueeze(-1), -1e4)
-        return {"loss_ce_dense": self.loss_labels(logits, targets, indices, num_pos, iou),
+        return {"loss_ce_dense": self.loss_labels(logits, targets, pairs, num_pos, iou),
                 "loss_bbox_dense": loss_bbox, "loss_giou_dense": loss_giou}
 
     def total_loss(self, losses: Mapping[str, Tensor]) -> Tensor:
