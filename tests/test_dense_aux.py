@@ -7,7 +7,8 @@ import torch
 
 from helpers import build_micro, refused_at_load, two_images
 from sdetr.models.criterion import build_weight_dict
-from sdetr.models.dense_aux import dense_assignment, token_grid
+from sdetr.models.dense_aux import dense_assignment
+from sdetr.models.proposals import token_grid
 from sdetr.models.neck import FeatureSet
 from sdetr.profiling.params import count_parameters
 

@@ -32,35 +32,10 @@ from torch import Tensor, nn
 from sdetr.models.heads import make_box_head, make_class_head
 from sdetr.models.layers import inverse_sigmoid
 from sdetr.models.neck import FeatureSet
+from sdetr.models.proposals import token_grid
 
 MIN_CELLS, MAX_CELLS = 2.0, 16.0
 ANCHOR_CELLS = 4.0  # the box head's prior: a box of 4 × 4 cells of its token's level
-
-
-def token_grid(feats: FeatureSet) -> tuple[Tensor, Tensor, Tensor]:
-    """Geometry of every flat token.
-
-    Returns:
-        points: (B, N, 2) x, y of the token's cell centre, normalised to the valid image;
-        cells: (B, N, 2) the cell's width and height in the same units (1 / valid W_l, 1 / valid H_l);
-        levels: (N,) int64 level index of each token.
-    """
-    batch = feats.mask.shape[0]
-    points, cells, levels = [], [], []
-    dtype, device = feats.src.dtype, feats.mask.device
-    starts = feats.level_start_index.tolist()
-    for lvl, ((h, w), start) in enumerate(zip(feats.level_sizes(), starts)):
-        mask = feats.mask[:, start:start + h * w].view(batch, h, w)
-        valid_h = (~mask[:, :, 0]).sum(1).clamp(min=1).to(dtype).view(-1, 1)
-        valid_w = (~mask[:, 0, :]).sum(1).clamp(min=1).to(dtype).view(-1, 1)
-        ys, xs = torch.meshgrid(torch.arange(h, dtype=dtype, device=device),
-                                torch.arange(w, dtype=dtype, device=device), indexing="ij")
-        px = (xs.reshape(1, -1) + 0.5) / valid_w
-        py = (ys.reshape(1, -1) + 0.5) / valid_h
-        points.append(torch.stack((px, py), -1))
-        cells.append(torch.stack(((1.0 / valid_w).expand_as(px), (1.0 / valid_h).expand_as(py)), -1))
-        levels.append(torch.full((h * w,), lvl, dtype=torch.int64, device=device))
-    return torch.cat(points, 1), torch.cat(cells, 1), torch.cat(levels)
 
 
 class DenseTokenHead(nn.Module):

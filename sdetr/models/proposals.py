@@ -17,6 +17,32 @@ ANCHOR_BASE_SIZE = 0.05
 VALID_LOW, VALID_HIGH = 0.01, 0.99
 
 
+def token_grid(feats: FeatureSet) -> tuple[Tensor, Tensor, Tensor]:
+    """Geometry of every flat token.
+
+    Returns:
+        points: (B, N, 2) x, y of the token's cell centre, normalised to the VALID image;
+        cells: (B, N, 2) the cell's width and height in the same units (1 / valid W_l, 1 / valid H_l);
+        levels: (N,) int64 level index of each token.
+    """
+    batch = feats.mask.shape[0]
+    points, cells, levels = [], [], []
+    dtype, device = feats.src.dtype, feats.mask.device
+    starts = feats.level_start_index.tolist()
+    for lvl, ((h, w), start) in enumerate(zip(feats.level_sizes(), starts)):
+        mask = feats.mask[:, start:start + h * w].view(batch, h, w)
+        valid_h = (~mask[:, :, 0]).sum(1).clamp(min=1).to(dtype).view(-1, 1)
+        valid_w = (~mask[:, 0, :]).sum(1).clamp(min=1).to(dtype).view(-1, 1)
+        ys, xs = torch.meshgrid(torch.arange(h, dtype=dtype, device=device),
+                                torch.arange(w, dtype=dtype, device=device), indexing="ij")
+        px = (xs.reshape(1, -1) + 0.5) / valid_w
+        py = (ys.reshape(1, -1) + 0.5) / valid_h
+        points.append(torch.stack((px, py), -1))
+        cells.append(torch.stack(((1.0 / valid_w).expand_as(px), (1.0 / valid_h).expand_as(py)), -1))
+        levels.append(torch.full((h * w,), lvl, dtype=torch.int64, device=device))
+    return torch.cat(points, 1), torch.cat(cells, 1), torch.cat(levels)
+
+
 def proposal_anchors(feats: FeatureSet) -> tuple[Tensor, Tensor]:
     """One fixed anchor box per token.
 
@@ -26,20 +52,11 @@ def proposal_anchors(feats: FeatureSet) -> tuple[Tensor, Tensor]:
         invalid: (B, N) bool, True at pad tokens and at tokens whose anchor is not strictly
             inside (0.01, 0.99) on all four numbers (border cells of large levels).
     """
-    batch = feats.mask.shape[0]
-    anchors = []
-    for lvl, ((h, w), start) in enumerate(zip(feats.level_sizes(), feats.level_start_index.tolist())):
-        mask = feats.mask[:, start:start + h * w].view(batch, h, w)
-        valid_h = (~mask[:, :, 0]).sum(1).to(feats.src.dtype)
-        valid_w = (~mask[:, 0, :]).sum(1).to(feats.src.dtype)
-        ys, xs = torch.meshgrid(
-            torch.arange(h, dtype=feats.src.dtype, device=mask.device),
-            torch.arange(w, dtype=feats.src.dtype, device=mask.device), indexing="ij")
-        cx = (xs.reshape(1, -1) + 0.5) / valid_w.view(-1, 1)
-        cy = (ys.reshape(1, -1) + 0.5) / valid_h.view(-1, 1)
-        wh = torch.full_like(cx, ANCHOR_BASE_SIZE * 2.0 ** lvl)
-        anchors.append(torch.stack((cx, cy, wh, wh), -1))
-    boxes = torch.cat(anchors, 1)
+    points, _, levels = token_grid(feats)
+    sizes = torch.tensor([ANCHOR_BASE_SIZE * 2.0 ** lvl for lvl in range(len(feats.level_sizes()))],
+                         dtype=points.dtype, device=points.device)
+    wh = sizes[levels].view(1, -1, 1).expand(points.shape[0], -1, 2)
+    boxes = torch.cat((points, wh), -1)
     inside = ((boxes > VALID_LOW) & (boxes < VALID_HIGH)).all(-1)
     invalid = feats.mask | ~inside
     unact = torch.log(boxes / (1 - boxes)).masked_fill(invalid.unsqueeze(-1), math.inf)
