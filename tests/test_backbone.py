@@ -50,6 +50,39 @@ def test_resnet_maps_channels_strides_sizes(name: str, channels: list[int], size
     assert not any(n.startswith(("fc", "global_pool")) for n, _ in backbone.body.named_parameters())
 
 
+@pytest.mark.parametrize("name, width, channels, params", [
+    ("resnet18", 32, [64, 128, 256], 2_814_976),
+    ("resnet18", 48, [96, 192, 384], 6_302_816),
+    ("resnet10", 32, [64, 128, 256], 1_246_336),
+    ("resnet50", 32, [256, 512, 1024], 5_875_904),
+])
+def test_resnet_width_scales_every_stage(name: str, width: int, channels: list[int],
+                                         params: int) -> None:
+    """A width-w ResNet has w·2^i planes in stage i (the 7x7 stem keeps 64 channels): C3/C4/C5
+    (and the maps) scale by w/64 and the parameters by about (w/64)^2."""
+    backbone = build_backbone(name, width=width).eval()
+    assert backbone.out_channels == channels
+    assert backbone.body.conv1.out_channels == 64
+    assert backbone.body.layer1[0].conv1.out_channels == width
+    assert sum(p.numel() for p in backbone.parameters()) == params
+    with torch.no_grad():
+        outs = backbone(torch.randn(2, 3, 97, 131))
+    assert [tuple(o.shape[:2]) for o in outs] == [(2, c) for c in channels]
+    assert [tuple(o.shape[2:]) for o in outs] == _expected_sizes(97, 131)
+    with pytest.raises(ValueError, match="width must be a positive multiple of 8"):
+        build_backbone(name, width=20)
+    with pytest.raises(ValueError, match="width apply to ResNets"):
+        build_backbone("swin_t", width=width)
+
+
+def test_resnet_width_reaches_the_input_projection() -> None:
+    from sdetr.config import load_config
+    from sdetr.models import build_model
+    model = build_model(load_config("sparse_detr_tiny", ["model.backbone.width=32"]).model)
+    assert model.backbone.out_channels == [64, 128, 256]
+    assert [seq[0].in_channels for seq in model.input_proj.proj] == [64, 128, 256, 256]
+
+
 @pytest.mark.parametrize("size", [(100, 130), (37, 61)])
 def test_swin_maps_channels_strides_sizes(swin: SwinBackbone, size: tuple[int, int]) -> None:
     # (37, 61): every stage map (10x16 … 2x2) is smaller than or not a multiple of the window 7.
@@ -360,5 +393,5 @@ def test_channels_last_resnet_matches_nchw_in_values_and_gradients() -> None:
         assert error < 1e-4, (name, error)
     pooled = nhwc.body.maxpool(torch.randn(1, 4, 9, 9).contiguous(memory_format=torch.channels_last))
     assert pooled.is_contiguous(memory_format=torch.channels_last)
-    with pytest.raises(ValueError, match="channels_last apply to ResNets"):
+    with pytest.raises(ValueError, match="channels_last and width apply to ResNets"):
         build_backbone("swin_t", channels_last=True)

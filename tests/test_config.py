@@ -51,6 +51,8 @@ def test_dotted_overrides_are_typed():
     ("train.zero_stage=3", "train.zero_stage"),
     ("train.batch_size=5", "train.batch_size"),
     ("model.backbone=resnet50", "model.backbone"),
+    ("model.backbone.width=12", "model.backbone.width"),
+    ("model.backbone.width=0", "model.backbone.width"),
     ("nokey", "nokey"),
 ])
 def test_bad_values_name_the_key(override, culprit):
@@ -65,6 +67,11 @@ def test_impossible_combination_fails_at_load():
         load_config("deformable_detr_r50", ["model.queries=topk"])
     with pytest.raises(ConfigError, match="model.encoder"):
         load_config("deformable_detr_r50", ["model.encoder=sparse"])
+    with pytest.raises(ConfigError, match="model.backbone.width: only for ResNets"):
+        load_config("deformable_detr_swint", ["model.backbone.width=32"])
+    with pytest.raises(ConfigError, match="model.backbone.width: pretrained weights"):
+        load_config("sparse_detr_r50", ["model.backbone.width=32",
+                                        "model.backbone.weights=/x/r50.pth"])
 
 
 def test_bad_files(tmp_path):

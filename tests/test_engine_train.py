@@ -445,6 +445,8 @@ def test_two_ray_workers_match_one_worker_at_the_same_total_batch(base_run, tmp_
     assert run.data.tags["sdetr.accumulation_steps"] == "1"
     # Ray gives each 1-CPU worker one intra-op thread (2 workers never oversubscribe 2 cores)
     assert run.data.tags["sdetr.torch_threads"] == os.environ.get("OMP_NUM_THREADS", "1")
+    # the _tiny presets' train.malloc_retain, applied inside the Ray workers (glibc)
+    assert run.data.tags["sdetr.malloc_retain"] == "applied"
     assert ckpt.find_latest(result.run_dir / "checkpoints").state.global_step == 4
     ours = [v for _, v in history(uri, result.mlflow_run_id, "train/loss")]
     ref = [v for _, v in history(base_run.uri, base_run.result.mlflow_run_id, "train/loss")]

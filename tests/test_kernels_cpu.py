@@ -47,7 +47,7 @@ def _forward_and_grads(backend, value, ss, lsi, loc, attn, grad):
     return [out.detach()] + [leaf.grad for leaf in leaves]
 
 
-@pytest.mark.parametrize("channels", [32, 5])  # 32 = the specialised kernel, 5 = the generic one
+@pytest.mark.parametrize("channels", [32, 16, 5])  # 32, 16 = the specialised kernels, 5 = the generic one
 def test_forward_and_all_gradients_match_reference_fp32(channels):
     value, ss, lsi, loc, attn = _inputs(channels=channels, heads=3, queries=7, points=3)
     grad = torch.randn(2, 7, 3 * channels, generator=torch.Generator().manual_seed(5))

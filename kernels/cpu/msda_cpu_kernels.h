@@ -4,9 +4,10 @@
 // only the code below (internal linkage or the ISA namespace) is compiled for that ISA.
 //
 // Layout: value (B, N, M, D) with D contiguous, so one bilinear corner of one head is a contiguous
-// D-vector; the loops over D are written for the compiler to vectorise (omp simd), and D = 32 is
-// specialised so the accumulators live in registers. Accumulation runs in at::opmath_type (float
-// for bfloat16 inputs, else the input type). Forward: parallel over (b, query block, m).
+// D-vector; the loops over D are written for the compiler to vectorise (omp simd), and D = 32
+// (hidden 256, 8 heads: the papers) and D = 16 (hidden 128: the CPU presets) are specialised so
+// the accumulators live in registers. Accumulation runs in at::opmath_type (float for bfloat16
+// inputs, else the input type). Forward: parallel over (b, query block, m).
 // Backward: parallel over (b, m) heads, so each thread owns grad_value[b, :, m, :] and the scatter
 // needs neither atomics nor per-thread copies.
 #ifndef SDETR_CPU_ISA
@@ -179,6 +180,8 @@ void msda_forward(const MsdaSizes& sz, const std::vector<Level>& levels, const a
     auto* o = out.mutable_data_ptr<scalar_t>();
     if (sz.channels == 32) {
       forward_kernel<scalar_t, 32>(sz, levels, v, x, a, o);
+    } else if (sz.channels == 16) {
+      forward_kernel<scalar_t, 16>(sz, levels, v, x, a, o);
     } else {
       forward_kernel<scalar_t, 0>(sz, levels, v, x, a, o);
     }
@@ -195,6 +198,8 @@ void msda_backward(const MsdaSizes& sz, const std::vector<Level>& levels, const 
                                       grad_loc.mutable_data_ptr<scalar_t>(), grad_attn.mutable_data_ptr<scalar_t>()};
     if (sz.channels == 32) {
       backward_kernel<scalar_t, 32>(sz, levels, args);
+    } else if (sz.channels == 16) {
+      backward_kernel<scalar_t, 16>(sz, levels, args);
     } else {
       backward_kernel<scalar_t, 0>(sz, levels, args);
     }

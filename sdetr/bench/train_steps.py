@@ -34,7 +34,8 @@ def format_train_bench(result: dict[str, Any]) -> str:
             f"{result['micro_batch_size']}, {result['accumulation']} micro-batch(es) per step "
             f"(batch {result['batch_size']}), {result['precision']}, ZeRO "
             f"{result['zero_stage']}, kernels {result['kernel_backend']}, "
-            f"{'/'.join(map(str, threads))} torch thread(s) per worker",
+            f"{'/'.join(map(str, threads))} torch thread(s) per worker, malloc retain "
+            f"{result.get('malloc_retain', 'off')}",
             f"{result['steps']} steps timed after {result['warmup']} warm-up; "
             "milliseconds per optimizer step", ""]
     cols = "".join(f"  rank{i:<3}" for i in range(len(ranks)))

@@ -52,6 +52,10 @@ class BackboneConfig:
     # (measured ~9% of a bf16-mixed _tiny training step on the CPU). The weights stay NCHW
     # (a warning says so) under ZeRO 1/2 or precision bf16, whose flat buffers alias them.
     channels_last: bool = False
+    # ResNets: planes of the first stage (64 in the papers); every stage scales with it
+    # (C3/C4/C5 = width x 2/4/8, x4 for resnet50), their convolutions' FLOPs with its square;
+    # the 7x7 stem keeps 64 channels. Pretrained weights exist for 64 only.
+    width: int = 64
 
 
 @dataclass
@@ -184,9 +188,24 @@ class ModelConfig:
         if self.backbone.name == "swin_t" and self.backbone.zero_init_residual:
             raise ConfigError(f"{prefix}.backbone.zero_init_residual: only for ResNets "
                               "(swin_t has no residual BatchNorm)")
+        self._validate_backbone_width(prefix)
         if self.backbone.zero_init_residual and self.backbone.weights is not None:
             raise ConfigError(f"{prefix}.backbone.zero_init_residual: an init for from-scratch "
                               f"training; {prefix}.backbone.weights would overwrite it")
+
+    def _validate_backbone_width(self, prefix: str) -> None:
+        """``backbone.width``: ResNets only, a positive multiple of 8, 64 with weights."""
+        width = self.backbone.width
+        if width == 64:
+            return
+        if self.backbone.name == "swin_t":
+            raise ConfigError(f"{prefix}.backbone.width: only for ResNets (swin_t has 96)")
+        if width < 8 or width % 8:
+            raise ConfigError(f"{prefix}.backbone.width: must be a positive multiple of 8, "
+                              f"got {width}")
+        if self.backbone.weights is not None:
+            raise ConfigError(f"{prefix}.backbone.width: pretrained weights are for width 64, "
+                              f"got {width} with {prefix}.backbone.weights")
 
     def _validate_one2many(self, prefix: str) -> None:
         """Rules of hybrid matching's one-to-many branch."""
@@ -332,6 +351,13 @@ class TrainConfig:
     the parameters instead of one per tensor and operation; 13 against 67 ms per step for the
     13M parameters of a ``_tiny`` model on one CPU core), the same update up to rounding.
 
+    ``malloc_retain``: the training process's glibc malloc keeps freed memory mapped (no
+    trimming, no fresh ``mmap`` below 32 MiB) instead of returning it to the kernel, so the
+    buffers a step frees and re-allocates are not page-faulted in again every step (~10
+    thousand minor faults and ~20-30 ms of kernel time per ``_tiny`` step on 2 cores); see
+    :mod:`sdetr.engine.host_memory`. Recorded as the tag ``sdetr.malloc_retain``
+    (off / applied / partial / unavailable: not glibc).
+
     ``lr_schedule``: ``step`` = the papers' ``StepLR``: every lr × 0.1 after each ``lr_drop``
     epochs; ``cosine`` = every lr × ``(1 + cos(pi * t / T)) / 2`` after t of the run's T
     optimizer steps (``epochs`` × steps per epoch; ``lr_drop`` unused), down to 0 at the end.
@@ -373,6 +399,7 @@ class TrainConfig:
     zero_stage: int = 0
     precision: Precision = "fp32"
     fused_optimizer: bool = False
+    malloc_retain: bool = False
     output_dir: str = "runs"
     keep_checkpoints: int = 2
     eval_every: int = 1

@@ -59,6 +59,7 @@ def bench_worker(config: dict[str, Any]) -> None:
                   "accumulation": trainer.accumulation, "batch_size": cfg.train.batch_size,
                   "precision": cfg.train.precision, "zero_stage": cfg.train.zero_stage,
                   "kernel_backend": trainer.kernel_backend, "device": ctx.device.type,
+                  "malloc_retain": trainer.malloc_state,
                   "steps": steps, "warmup": warmup, "ranks": ranks}
         atomic_write_text(Path(args.run_dir) / BENCH_FILE, json.dumps(result, indent=2))
 

@@ -39,6 +39,7 @@ from sdetr.engine.distributed import (DistContext, all_gather_object, current_co
                                       seed_everything, set_rng_state)
 from sdetr.engine.ema import WeightEma
 from sdetr.engine.evaluate import evaluate, evaluate_rho_sweep, metrics_for_logging
+from sdetr.engine.host_memory import configure_host_malloc
 from sdetr.engine.optim import build_lr_schedule, build_optimizer, group_lrs
 from sdetr.engine.profile_stage import run_profile_stage
 from sdetr.engine.progress_file import ProgressFile, ray_node_id
@@ -111,6 +112,7 @@ class Trainer:
         self.run_dir = Path(args.run_dir)
         self.ckpt_dir = self.run_dir / ckpt.CHECKPOINTS
         train = cfg.train
+        self.malloc_state = configure_host_malloc(train.malloc_retain)
         seed_everything(train.seed)  # identical initial weights on every rank
         built = build(cfg.model, num_select=cfg.eval.num_select)
         self.kernel_backend = built.kernel_backend
@@ -199,7 +201,8 @@ class Trainer:
         tags.update({"sdetr.run_dir": str(self.run_dir),
                      "sdetr.eval.fold_bn": str(self.cfg.eval.fold_bn).lower(),
                      "sdetr.accumulation_steps": str(self.accumulation),
-                     "sdetr.torch_threads": str(torch.get_num_threads())})
+                     "sdetr.torch_threads": str(torch.get_num_threads()),
+                     "sdetr.malloc_retain": self.malloc_state})
         if any(node_ids):
             tags.update({"sdetr.node_id": node_ids[0],
                          "sdetr.node_ids": ",".join(sorted(set(node_ids)))})

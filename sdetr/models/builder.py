@@ -61,7 +61,8 @@ def build_model(cfg: ModelConfig, *, kernel_backend: Optional[str] = None) -> De
     backbone = build_backbone(bb.name, frozen_bn=bb.frozen_bn, weights=bb.weights,
                               drop_path_rate=bb.drop_path_rate, train_all=bb.train_all,
                               zero_init_residual=bb.zero_init_residual,
-                              kernel_backend=backend, channels_last=bb.channels_last)
+                              kernel_backend=backend, channels_last=bb.channels_last,
+                              width=bb.width)
     dec_layer = DeformableDecoderLayer(cfg.hidden_dim, cfg.dim_feedforward, cfg.dropout,
                                        attn=build_attention(cfg, cfg.dec_n_points, backend))
     # §6.5: heads are independent copies with box refinement or encoder auxiliary heads.

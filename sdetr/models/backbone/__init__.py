@@ -9,7 +9,8 @@ import logging
 from typing import Optional
 
 from sdetr.models.backbone.base import Backbone, FrozenBatchNorm2d, LoadReport, freeze_batch_norm
-from sdetr.models.backbone.resnet import RESNET_CHANNELS, RESNET_LAYERS, ResNetBackbone
+from sdetr.models.backbone.resnet import (RESNET_CHANNELS, RESNET_LAYERS, RESNET_WIDTH,
+                                          ResNetBackbone)
 from sdetr.models.backbone.swin import SWIN_OFFICIAL_KEY_MAP, SwinBackbone, swin_official_to_ours
 from sdetr.models.backbone.weights import load_backbone_weights, read_state_dict
 
@@ -25,7 +26,7 @@ def build_backbone(name: str, *, frozen_bn: Optional[bool] = None, weights: Opti
                    drop_path_rate: float = 0.2, train_all: bool = False,
                    zero_init_residual: bool = False,
                    kernel_backend: Optional[str] = None,
-                   channels_last: bool = False) -> Backbone:
+                   channels_last: bool = False, width: int = RESNET_WIDTH) -> Backbone:
     """Build a backbone by name and optionally load a local weights file.
 
     Args:
@@ -43,13 +44,15 @@ def build_backbone(name: str, *, frozen_bn: Optional[bool] = None, weights: Opti
         kernel_backend: ResNets only: backend of the stem's max pool op on the CPU (None: the
             default / automatic one).
         channels_last: ResNets only: weights and feature maps in channels_last memory.
+        width: ResNets only: planes of the first stage (64 = the standard nets); every stage
+            scales with it, the 7x7 stem keeps 64 channels.
     """
     if name not in BACKBONE_NAMES:
         raise ValueError(f"build_backbone: unknown backbone {name!r}; expected one of {BACKBONE_NAMES}")
     if name == "swin_t":
-        if zero_init_residual or channels_last:
-            raise ValueError("build_backbone: zero_init_residual and channels_last apply to "
-                             "ResNets, not swin_t")
+        if zero_init_residual or channels_last or width != RESNET_WIDTH:
+            raise ValueError("build_backbone: zero_init_residual, channels_last and width apply "
+                             "to ResNets, not swin_t")
         if frozen_bn is False:
             raise ValueError("build_backbone: frozen_bn=False does not apply to swin_t (it has no BatchNorm)")
         backbone: Backbone = SwinBackbone(drop_path_rate=drop_path_rate, frozen_stages=-1 if train_all else 2)
@@ -58,7 +61,8 @@ def build_backbone(name: str, *, frozen_bn: Optional[bool] = None, weights: Opti
         train_layers = RESNET_LAYERS if train_all else _PAPER_TRAIN_LAYERS
         backbone = ResNetBackbone(name, frozen_bn=use_frozen_bn, train_layers=train_layers,
                                   zero_init_residual=zero_init_residual,
-                                  kernel_backend=kernel_backend, channels_last=channels_last)
+                                  kernel_backend=kernel_backend, channels_last=channels_last,
+                                  width=width)
     if weights is not None:
         backbone.load_weights(weights)
     else:
@@ -68,6 +72,7 @@ def build_backbone(name: str, *, frozen_bn: Optional[bool] = None, weights: Opti
 
 __all__ = [
     "BACKBONE_NAMES", "Backbone", "FrozenBatchNorm2d", "LoadReport", "RESNET_CHANNELS", "RESNET_LAYERS",
+    "RESNET_WIDTH",
     "ResNetBackbone", "SWIN_OFFICIAL_KEY_MAP", "SwinBackbone", "build_backbone", "freeze_batch_norm",
     "load_backbone_weights", "read_state_dict", "swin_official_to_ours",
 ]

@@ -19,6 +19,8 @@ RESNET_CHANNELS: dict[str, list[int]] = {
     "resnet34": [128, 256, 512],
     "resnet50": [512, 1024, 2048],
 }
+"""C3/C4/C5 channels at the standard width 64 (the first stage's planes)."""
+RESNET_WIDTH = 64
 RESNET_LAYERS: tuple[str, ...] = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
 """Top-level parameter groups of the body; ``train_layers=RESNET_LAYERS`` trains everything."""
 
@@ -52,14 +54,24 @@ def _is_channels_last(x: Tensor) -> bool:
             and not x.is_contiguous())
 
 
-def create_resnet(name: str, *, zero_init_last: bool) -> nn.Module:
+def resnet_channels(name: str, width: int = RESNET_WIDTH) -> list[int]:
+    """C3/C4/C5 channels of ResNet ``name`` whose first stage has ``width`` planes (stage i has
+    ``width * 2**i``)."""
+    return [c * width // RESNET_WIDTH for c in RESNET_CHANNELS[name]]
+
+
+def create_resnet(name: str, *, zero_init_last: bool, width: int = RESNET_WIDTH) -> nn.Module:
     """timm ResNet ``name`` without classifier or pooling; "resnet10" (not a timm model name)
-    is timm's ResNet with BasicBlocks, one per stage, and the 7x7 stem of ResNet-18."""
+    is timm's ResNet with BasicBlocks, one per stage, and the 7x7 stem of ResNet-18.
+    ``width``: planes of the first stage (64 in the papers; the stages have width x 1/2/4/8).
+    The 7x7 stem keeps its 64 channels (timm's), so below 64 the first block of layer1 gets a
+    1x1 projection shortcut."""
+    shape = dict(channels=tuple(width * 2**i for i in range(4)))
     if name == "resnet10":
         return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=0, global_pool="",
-                      zero_init_last=zero_init_last)
+                      zero_init_last=zero_init_last, **shape)
     return timm.create_model(name, pretrained=False, num_classes=0, global_pool="",
-                             zero_init_last=zero_init_last)
+                             zero_init_last=zero_init_last, **shape)
 
 
 class ResNetBackbone(Backbone):
@@ -88,13 +100,19 @@ class ResNetBackbone(Backbone):
             weights follow with :meth:`weights_to_channels_last` (the training engine calls
             it once DeepSpeed has broadcast them: its broadcast needs NCHW weights); with
             NCHW weights oneDNN converts them at every call and nothing is gained.
+        width: planes of the first stage (64, the standard ResNets; a positive multiple of
+            8). Every stage scales with it, so C3/C4/C5 have ``width / 64`` times the channels
+            above and the stages' convolutions about ``(width / 64)**2`` times the FLOPs; the
+            7x7 stem keeps 64 channels. Pretrained weights exist for 64 only.
     """
 
     def __init__(self, name: str = "resnet50", frozen_bn: bool = True,
                  train_layers: tuple[str, ...] = ("layer2", "layer3", "layer4"),
                  zero_init_residual: bool = False, kernel_backend: Optional[str] = None,
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, width: int = RESNET_WIDTH) -> None:
         super().__init__()
+        if width < 8 or width % 8:
+            raise ValueError(f"ResNetBackbone: width must be a positive multiple of 8, got {width}")
         if name not in RESNET_CHANNELS:
             raise ValueError(f"ResNetBackbone: unknown name {name!r}; "
                              f"expected one of {sorted(RESNET_CHANNELS)}")
@@ -103,13 +121,14 @@ class ResNetBackbone(Backbone):
             raise ValueError(f"ResNetBackbone: unknown train_layers {unknown}; "
                              f"expected names from {RESNET_LAYERS}")
         self.name = name
-        self.body = create_resnet(name, zero_init_last=zero_init_residual)
+        self.width = width
+        self.body = create_resnet(name, zero_init_last=zero_init_residual, width=width)
         self.body.maxpool = StemMaxPool(kernel_backend)
         if frozen_bn:
             freeze_batch_norm(self.body)
         set_trainable(self.body, tuple(train_layers))
         self.channels_last = channels_last
-        self.out_channels = list(RESNET_CHANNELS[name])
+        self.out_channels = resnet_channels(name, width)
         self.strides = [8, 16, 32]
 
     def weights_to_channels_last(self) -> None:
