@@ -353,8 +353,9 @@ class TrainConfig:
 
     ``malloc_retain``: the training process's glibc malloc keeps freed memory mapped (no
     trimming, no fresh ``mmap`` below 32 MiB) instead of returning it to the kernel, so the
-    buffers a step frees and re-allocates are not page-faulted in again every step (~10
-    thousand minor faults and ~20-30 ms of kernel time per ``_tiny`` step on 2 cores); see
+    buffers a step frees and re-allocates are not page-faulted in again every step (7-12
+    thousand minor faults and 32-51 ms of kernel time per ``_tiny`` step on 2 cores by
+    default, ~400 and 16-31 ms retained); see
     :mod:`sdetr.engine.host_memory`. Recorded as the tag ``sdetr.malloc_retain``
     (off / applied / partial / unavailable: not glibc).
 

@@ -4,10 +4,10 @@ glibc's malloc, by default, serves every allocation above a moving threshold (12
 start) with a fresh ``mmap`` and trims the heap's free top back to the kernel. A CPU training
 step frees and re-allocates hundreds of activation and gradient buffers of 1-30 MB whose sizes
 change with the batch's image size, so every step touches pages the kernel has to map (and zero)
-again: ~9-12 thousand minor page faults and ~40-50 ms of kernel time per step of a ``_tiny``
+again: 7-12 thousand minor page faults and 32-51 ms of kernel time per step of a ``_tiny``
 model on 2 cores (measured with ``getrusage``). Retaining (``M_MMAP_THRESHOLD`` 32 MiB,
 ``M_TRIM_THRESHOLD`` effectively infinite, ``M_TOP_PAD`` 64 MiB) serves those buffers from a
-heap that stays mapped: ~400 faults per step. The cost is that the process keeps its peak heap
+heap that stays mapped: ~400 faults and 16-31 ms of kernel time per step. The cost is that the process keeps its peak heap
 (which a training process reaches in its first steps anyway).
 
 Only glibc has ``mallopt``; elsewhere the setting cannot be applied, which is logged as a
