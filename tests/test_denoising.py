@@ -8,7 +8,8 @@ import torch
 from helpers import assert_same_matching_outputs, build_micro, refused_at_load, two_images
 from sdetr.engine.steps import forward
 from sdetr.models.criterion import build_weight_dict
-from sdetr.models.denoising import DenoisingPlan, noise_boxes, noise_labels
+from sdetr.models.box_ops import box_cxcywh_to_xyxy, box_iou
+from sdetr.models.denoising import DenoisingPlan, negative_boxes, noise_boxes, noise_labels
 from sdetr.models.queries import QuerySet
 from sdetr.profiling.params import count_parameters
 
@@ -20,6 +21,7 @@ DN = ["model.dn_groups=3"]
     ("model.dn_label_noise=1.5", "model.dn_label_noise"),
     ("model.dn_box_noise=-0.1", "model.dn_box_noise"),
     ("model.loss.dn_coef=0", "model.loss.dn_coef"),
+    ("model.dn_negatives=true model.dn_groups=0", "model.dn_negatives"),
 ])
 def test_impossible_settings_fail_at_load_naming_the_key(override, key):
     refused_at_load("sparse_detr_tiny", override, key)
@@ -164,3 +166,60 @@ def test_denoising_trains_with_bf16_weights():
     out = model(images.to(torch.bfloat16), masks, targets=targets)
     assert out["dn_outputs"]["pred_logits"].dtype == torch.bfloat16
     assert out["dn_outputs"]["pred_logits"].shape == (2, 3 * 2, 24)
+
+
+def test_negative_noise_lies_between_one_and_two_times_the_scale():
+    torch.manual_seed(0)
+    boxes = torch.tensor([[0.5, 0.5, 0.2, 0.4]]).repeat(4000, 1)
+    negative = negative_boxes(boxes, 0.2)
+    shift = (negative[:, :2] - boxes[:, :2]).abs() / (boxes[:, 2:] / 2)
+    assert bool(((shift >= 0.2 - 1e-5) & (shift <= 0.4 + 1e-5)).all())
+    change = (negative[:, 2:] / boxes[:, 2:] - 1).abs()
+    assert bool(((change >= 0.2 - 1e-5) & (change <= 0.4 + 1e-5)).all())
+    assert bool((negative[:, :2] < boxes[:, :2]).any()) and bool((negative[:, 2:] > boxes[:, 2:]).any())
+    # the positives overlap their target more than the negatives do
+    iou = lambda a: box_iou(box_cxcywh_to_xyxy(a[:1]), box_cxcywh_to_xyxy(boxes[:1]))  # noqa: E731
+    pos = torch.stack([box_iou(box_cxcywh_to_xyxy(p[None]), box_cxcywh_to_xyxy(boxes[:1]))[0, 0]
+                       for p in noise_boxes(boxes[:500], 0.2)])
+    neg = torch.stack([box_iou(box_cxcywh_to_xyxy(n[None]), box_cxcywh_to_xyxy(boxes[:1]))[0, 0]
+                       for n in negative[:500]])
+    assert float(pos.mean()) > float(neg.mean()) + 0.1 and float(iou(boxes)) == 1.0
+
+
+def test_contrastive_negatives_double_the_groups_and_train_as_no_object():
+    built = build_micro("sparse_detr_tiny", *DN, "model.dn_negatives=true",
+                        "model.dn_box_noise=0.4", "model.dn_label_noise=0.0")
+    model, criterion = built.model.train(), built.criterion
+    images, masks, targets = two_images()
+    out = model(images, masks, targets=targets)
+    dn = out["dn_outputs"]
+    plan = dn["plan"]
+    assert plan == DenoisingPlan(groups=3, pad=4, counts=(2, 1))  # 2 positives + 2 negatives
+    assert dn["pred_logits"].shape == (2, 3 * 4, 24)
+    (q0, t0), (q1, _) = plan.indices()
+    assert q0.tolist() == [0, 1, 4, 5, 8, 9] and t0.tolist() == [0, 1] * 3 and q1.tolist() == [0, 4, 8]
+    feats = model.extract(images, masks)
+    queries = model.select_queries(model.encode(feats), feats, targets)
+    dn_ref = queries.reference[:, queries.tgt.shape[1] - queries.num_denoising:]
+    label_rows = model.denoiser.label_embed.weight
+    dn_tgt = queries.tgt[:, queries.tgt.shape[1] - queries.num_denoising:]
+    for group in range(3):
+        pos, neg = dn_ref[0, 4 * group:4 * group + 2], dn_ref[0, 4 * group + 2:4 * group + 4]
+        truth = targets[0]["boxes"]
+        assert bool(((neg[:, :2] - truth[:, :2]).abs() >= 0.4 * truth[:, 2:] / 2 - 1e-5).all())
+        assert bool(((pos[:, :2] - truth[:, :2]).abs() <= 0.4 * truth[:, 2:] / 2 + 1e-5).all())
+        torch.testing.assert_close(dn_tgt[0, 4 * group + 2], label_rows[targets[0]["labels"][0]])
+    # negatives are in no assignment: their class target is "no object" like padding's
+    losses = criterion(out, targets)
+    assert torch.isfinite(criterion.total_loss(losses))
+    sure = dict(dn)
+    logits = torch.full_like(dn["pred_logits"], -20.0)
+    for b, (q, t) in enumerate(plan.indices()):
+        logits[b, q, targets[b]["labels"][t]] = 20.0
+    sure["pred_logits"] = logits
+    num_boxes = torch.tensor(9.0)
+    ce = criterion.assigned_losses(sure, targets, plan.indices(), num_boxes, "_dn")["loss_ce_dn"]
+    assert float(ce) < 1e-6  # confident on the positives, "no object" on the negatives
+    logits[0, 2, targets[0]["labels"][0]] = 20.0  # a negative that claims its object
+    ce = criterion.assigned_losses(sure, targets, plan.indices(), num_boxes, "_dn")["loss_ce_dn"]
+    assert float(ce) > 0.1

@@ -138,9 +138,14 @@ class ModelConfig:
     dn_groups: int = 0  # G (0 = off)
     dn_label_noise: float = 0.2  # probability of a label flip
     dn_box_noise: float = 0.4  # λ: centre shift up to λ·w/2, w and h scaled within 1 ± λ
+    dn_negatives: bool = False  # DINO's contrastive denoising: a near-miss copy (noise λ..2λ)
+    # of every target per group, trained as "no object"
     # Dense one-to-many supervision of the encoder tokens, training only: a class and a box
     # per token, every token near an object's centre a positive (sdetr.models.dense_aux).
     dense_aux: bool = False
+    # Top-k query selection (queries two_stage | topk) skips a token whose proposal box overlaps
+    # a higher-scoring kept one by more than this IoU (sdetr.models.query_nms; None = plain top-k).
+    query_nms: Optional[float] = None
     loss: LossConfig = field(default_factory=LossConfig)
 
     def validate(self, prefix: str = "model") -> None:
@@ -181,6 +186,7 @@ class ModelConfig:
         self._validate_lite(prefix)
         self._validate_one2many(prefix)
         self._validate_denoising(prefix)
+        self._validate_query_nms(prefix)
         if self.backbone.name != "swin_t" and self.backbone.drop_path_rate != 0.2:
             raise ConfigError(f"{prefix}.backbone.drop_path_rate: only used by swin_t")
         if self.backbone.name == "swin_t" and self.backbone.channels_last:
@@ -206,6 +212,17 @@ class ModelConfig:
         if self.backbone.weights is not None:
             raise ConfigError(f"{prefix}.backbone.width: pretrained weights are for width 64, "
                               f"got {width} with {prefix}.backbone.weights")
+
+    def _validate_query_nms(self, prefix: str) -> None:
+        """``query_nms``: an IoU in (0, 1), for top-k query selection only."""
+        if self.query_nms is None:
+            return
+        if self.queries == "learned":
+            raise ConfigError(f"{prefix}.query_nms: needs queries 'two_stage' or 'topk' "
+                              "(learned queries have no proposals to suppress)")
+        if not 0.0 < self.query_nms < 1.0:
+            raise ConfigError(f"{prefix}.query_nms: an IoU threshold in (0, 1), got "
+                              f"{self.query_nms}")
 
     def _validate_one2many(self, prefix: str) -> None:
         """Rules of hybrid matching's one-to-many branch."""
@@ -233,6 +250,9 @@ class ModelConfig:
             raise ConfigError(f"{prefix}.dn_box_noise: must be >= 0, got {self.dn_box_noise}")
         if self.loss.dn_coef <= 0:
             raise ConfigError(f"{prefix}.loss.dn_coef: must be > 0, got {self.loss.dn_coef}")
+        if self.dn_negatives and not self.dn_groups:
+            raise ConfigError(f"{prefix}.dn_negatives: needs denoising queries "
+                              f"({prefix}.dn_groups > 0)")
         if self.loss.dense_coef <= 0:
             raise ConfigError(f"{prefix}.loss.dense_coef: must be > 0, got "
                               f"{self.loss.dense_coef}")

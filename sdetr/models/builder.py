@@ -97,7 +97,8 @@ def build_denoiser(cfg: ModelConfig) -> Optional[DenoisingQueries]:
     if cfg.dn_groups == 0:
         return None
     return DenoisingQueries(cfg.num_classes, cfg.hidden_dim, cfg.dn_groups,
-                            label_noise=cfg.dn_label_noise, box_noise=cfg.dn_box_noise)
+                            label_noise=cfg.dn_label_noise, box_noise=cfg.dn_box_noise,
+                            negatives=cfg.dn_negatives)
 
 
 def attention_op(cfg: ModelConfig) -> str:
@@ -154,7 +155,7 @@ def build_query_selector(cfg: ModelConfig) -> nn.Module:
     topk = cfg.queries == "topk"
     return TopKQueries(cfg.num_queries, cfg.hidden_dim, cfg.num_classes,
                        class_specific=topk, content_from_memory=topk,
-                       num_one2many=cfg.one2many_queries)
+                       num_one2many=cfg.one2many_queries, nms_iou=cfg.query_nms)
 
 
 def build_criterion(cfg: ModelConfig) -> SetCriterion:

@@ -14,7 +14,14 @@ The decoder reconstructs the original box and label from each copy, so these que
 assigned to their targets by construction, without Hungarian matching (see
 :meth:`DenoisingPlan.indices`). With B images holding at most M targets, the G·M denoising
 queries come after the selector's queries, group g at [g·M, (g+1)·M); slots j ≥ n_b of an
-image with n_b targets are padding (a copy of a dummy box, never a positive). Denoising groups
+image with n_b targets are padding (a copy of a dummy box, never a positive).
+
+With ``negatives`` (DINO's contrastive denoising), every group has 2·M slots: the first M as
+above, then M negative copies whose box noise is between one and two times ``box_noise``
+(centre moved by λ·w/2 .. 2λ·w/2 in a random direction per axis, w and h scaled by a factor
+1 ± [λ, 2λ)) with the true label. They are not assigned to any target, so their only loss is
+the "no object" class target of every unassigned query: the decoder learns to score a query
+whose box is a near miss of an object below the one that sits on it. Denoising groups
 do not attend to each other and the matching queries do not attend to them (the mask is
 :meth:`sdetr.models.queries.QuerySet.self_attn_mask`); at eval nothing of this exists.
 """
@@ -34,8 +41,10 @@ PAD_BOX = (0.5, 0.5, 0.1, 0.1)  # reference of a padding slot (cx, cy, w, h)
 
 @dataclass(frozen=True)
 class DenoisingPlan:
-    """Layout of the denoising queries: ``groups`` (G) groups of ``pad`` (M) slots; image b's
-    first ``counts[b]`` slots of every group are copies of its targets 0..counts[b]-1."""
+    """Layout of the denoising queries: ``groups`` (G) groups of ``pad`` slots; image b's
+    first ``counts[b]`` slots of every group are copies of its targets 0..counts[b]-1 (with
+    contrastive negatives, ``pad`` = 2·M and slots M.. hold the negative copies, which are
+    assigned to no target)."""
 
     groups: int
     pad: int
@@ -68,6 +77,21 @@ def noise_boxes(boxes: Tensor, scale: float) -> Tensor:
     return torch.cat((boxes[:, :2] + shift, wh * factor), -1).clamp(1e-4, 1.0)
 
 
+def negative_boxes(boxes: Tensor, scale: float) -> Tensor:
+    """boxes (n, 4) cx,cy,w,h in [0, 1] → near misses (n, 4): the centre moved by
+    [scale, 2·scale)·w/2 (·h/2) in a random direction per axis, w and h each scaled by
+    1 ± [scale, 2·scale) (sign drawn per side), clamped to [1e-4, 1]."""
+    wh = boxes[:, 2:]
+
+    def signed(like: Tensor) -> Tensor:
+        sign = torch.where(torch.rand_like(like) < 0.5, -1.0, 1.0)
+        return sign * (1 + torch.rand_like(like)) * scale
+
+    shift = signed(boxes[:, :2]) * wh / 2
+    factor = (1 + signed(wh)).clamp(min=0.05)
+    return torch.cat((boxes[:, :2] + shift, wh * factor), -1).clamp(1e-4, 1.0)
+
+
 def noise_labels(labels: Tensor, num_classes: int, ratio: float) -> Tensor:
     """labels (n,) in [0, K) → copies with each replaced by a uniform class w.p. ``ratio``."""
     if ratio <= 0:
@@ -86,6 +110,7 @@ class DenoisingQueries(nn.Module):
         groups: G ≥ 1.
         label_noise: probability of a label flip, in [0, 1].
         box_noise: λ ≥ 0 of the box noise.
+        negatives: add a negative copy per positive in every group (contrastive denoising).
     Submodule ``label_embed`` (K, C): the content query of a noised label. Marked
     ``training_only``: inference parameter counts leave it out.
     """
@@ -93,7 +118,7 @@ class DenoisingQueries(nn.Module):
     training_only = True
 
     def __init__(self, num_classes: int, hidden_dim: int, groups: int, label_noise: float,
-                 box_noise: float) -> None:
+                 box_noise: float, negatives: bool = False) -> None:
         super().__init__()
         if groups < 1:
             raise ValueError(f"groups must be >= 1, got {groups}")
@@ -101,6 +126,7 @@ class DenoisingQueries(nn.Module):
         self.groups = groups
         self.label_noise = label_noise
         self.box_noise = box_noise
+        self.negatives = negatives
         self.label_embed = nn.Embedding(num_classes, hidden_dim)
 
     def forward(self, targets: Sequence[Target], embed_reference: Callable[[Tensor], Tensor]
@@ -112,7 +138,8 @@ class DenoisingQueries(nn.Module):
         D = G·M.
         """
         counts = tuple(int(t["labels"].numel()) for t in targets)
-        plan = DenoisingPlan(self.groups, max(max(counts, default=0), 1), counts)
+        positives = max(max(counts, default=0), 1)
+        plan = DenoisingPlan(self.groups, positives * (2 if self.negatives else 1), counts)
         device = self.label_embed.weight.device
         labels = torch.zeros(len(targets), plan.num_queries, dtype=torch.int64, device=device)
         boxes = torch.tensor(PAD_BOX, device=device).repeat(len(targets), plan.num_queries, 1)
@@ -122,6 +149,11 @@ class DenoisingQueries(nn.Module):
             slots = slots.to(device)
             labels[b, slots] = noise_labels(target["labels"].to(device).repeat(self.groups),
                                             self.num_classes, self.label_noise)
-            boxes[b, slots] = noise_boxes(
-                target["boxes"].to(device, torch.float32).repeat(self.groups, 1), self.box_noise)
+            true_boxes = target["boxes"].to(device, torch.float32).repeat(self.groups, 1)
+            boxes[b, slots] = noise_boxes(true_boxes, self.box_noise)
+            if self.negatives:
+                negative = slots + positives
+                labels[b, negative] = noise_labels(target["labels"].to(device).repeat(
+                    self.groups), self.num_classes, self.label_noise)
+                boxes[b, negative] = negative_boxes(true_boxes, self.box_noise)
         return self.label_embed(labels), embed_reference(boxes), boxes, plan

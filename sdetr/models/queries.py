@@ -32,6 +32,9 @@ from sdetr.models.heads import make_box_head, make_class_head
 from sdetr.models.neck import FeatureSet
 from sdetr.models.position import box_sine_embedding
 from sdetr.models.proposals import ProposalProjection, proposal_anchors
+from sdetr.models.query_nms import nms_topk
+
+NMS_CANDIDATES_PER_QUERY = 4  # query_nms: Fast NMS among the 4·k best tokens
 
 
 @dataclass
@@ -144,15 +147,20 @@ class TopKQueries(nn.Module):
             positional queries come from ``pos_trans`` (2C → 2C).
         num_one2many: T; in training the tokens ranked Q+1..Q+T become the one-to-many
             queries (H-DETR's two-stage rule).
+        nms_iou: None = the plain top-(Q+T); else a token whose proposal box overlaps a
+            better-scoring token's by IoU > nms_iou is passed over (Fast NMS among the
+            4·(Q+T) best, :func:`sdetr.models.query_nms.nms_topk`), in training and eval.
     Submodules: ``class_embed``/``bbox_embed`` (the official head index ``dec_layers``),
     ``pos_trans`` and ``pos_trans_norm``.
     """
 
     def __init__(self, num_queries: int, hidden_dim: int, num_classes: int,
-                 class_specific: bool, content_from_memory: bool, num_one2many: int = 0) -> None:
+                 class_specific: bool, content_from_memory: bool, num_one2many: int = 0,
+                 nms_iou: Optional[float] = None) -> None:
         super().__init__()
         self.num_queries = num_queries
         self.num_one2many = num_one2many
+        self.nms_iou = nms_iou
         self.hidden_dim = hidden_dim
         self.class_specific = class_specific
         self.content_from_memory = content_from_memory
@@ -174,7 +182,7 @@ class TopKQueries(nn.Module):
         coords = self.bbox_embed(projected) + anchors
         score = logits.max(-1).values if self.class_specific else logits[..., 0]
         k = min(self.num_queries + (self.num_one2many if self.training else 0), score.shape[1])
-        topk = torch.topk(score, k, dim=1).indices
+        topk = self._select(score, coords, k)
         ref_unact = torch.gather(coords, 1, topk.unsqueeze(-1).expand(-1, -1, 4)).detach()
         reference = ref_unact.sigmoid()
         hidden = memory.shape[-1]
@@ -189,6 +197,14 @@ class TopKQueries(nn.Module):
         return QuerySet(tgt=tgt, query_pos=query_pos, reference=reference,
                         enc_outputs=enc_outputs, extras={"topk_indices": topk},
                         num_one2one=self.num_queries)
+
+    def _select(self, score: Tensor, coords: Tensor, k: int) -> Tensor:
+        """score (B, N), coords (B, N, 4) unactivated cx,cy,w,h → (B, k) token indices, best
+        first (``nms_iou``: near-duplicate proposals passed over)."""
+        if self.nms_iou is None:
+            return torch.topk(score, k, dim=1).indices
+        return nms_topk(score.detach(), coords.detach().sigmoid(), k, self.nms_iou,
+                        candidates=NMS_CANDIDATES_PER_QUERY * k)
 
     def embed_reference(self, reference: Tensor) -> Tensor:
         """reference (B, Q, 4) cx,cy,w,h → ``LN(pos_trans(sine(reference)))``: (B, Q, C) with
