@@ -90,7 +90,9 @@ def test_the_detector_selects_through_it_in_train_and_eval():
 
 
 def test_off_by_default_and_validated():
-    assert load_config("sparse_detr_tiny").model.query_nms is None
+    assert load_config("sparse_detr_r50").model.query_nms is None  # the papers' plain top-k
+    assert load_config("efficient_detr_tiny").model.query_nms is None
+    assert load_config("sparse_detr_tiny").model.query_nms == 0.5
     for bad in ("0", "1.0", "1.5"):
         with pytest.raises(ConfigError, match="model.query_nms"):
             load_config("sparse_detr_tiny", [f"model.query_nms={bad}"])
