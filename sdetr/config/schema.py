@@ -143,8 +143,9 @@ class ModelConfig:
     # Dense one-to-many supervision of the encoder tokens, training only: a class and a box
     # per token, every token near an object's centre a positive (sdetr.models.dense_aux).
     dense_aux: bool = False
-    # Top-k query selection (queries two_stage | topk) skips a token whose proposal box overlaps
-    # a higher-scoring kept one by more than this IoU (sdetr.models.query_nms; None = plain top-k).
+    # Top-k query selection (queries two_stage | topk) passes over a token whose proposal box
+    # overlaps a better-scoring one's by more than this IoU (Fast NMS, sdetr.models.query_nms;
+    # None = the papers' plain top-k).
     query_nms: Optional[float] = None
     loss: LossConfig = field(default_factory=LossConfig)
 

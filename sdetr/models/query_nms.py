@@ -3,8 +3,8 @@
 Plain two-stage selection takes the Q highest-scoring encoder tokens. Neighbouring tokens of one
 object (same level, or the same object seen on two levels) predict nearly the same box with
 nearly the same score, so an object often gets several queries with the same starting box;
-one-to-one matching then has to teach the decoder to tell them apart, which in a short run it
-has not (the duplicates score like the matched query). Suppressing them before the decoder
+one-to-one matching then has to teach the decoder to tell them apart, which a short run does not
+get far with (the duplicates score about like the matched query). Suppressing them before the decoder
 (as DETA does for its first-stage proposals) leaves each object one query per distinct box.
 
 The suppression is Fast NMS (Bolya et al., YOLACT): among the ``candidates`` best tokens, a
