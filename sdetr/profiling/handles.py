@@ -96,7 +96,7 @@ IGNORED_BY_CONVENTION: frozenset[str] = frozenset(f"aten::{op}" for op in (
     # elementwise arithmetic and math
     "add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "neg", "pow", "sqrt",
     "rsqrt", "exp", "log", "log_", "abs", "reciprocal", "floor", "ceil", "round", "sign",
-    "clamp_min", "clamp_max", "fill_", "zero_", "lerp", "addcmul",
+    "clamp_min", "clamp_max", "fill_", "zero_", "lerp", "addcmul", "maximum", "minimum",
     # activations and normalisations of scores
     "sigmoid", "sigmoid_", "tanh", "gelu", "silu", "softmax", "log_softmax", "hardtanh",
     "leaky_relu", "elu",
@@ -116,7 +116,7 @@ IGNORED_BY_CONVENTION: frozenset[str] = frozenset(f"aten::{op}" for op in (
     "resolve_conj", "resolve_neg", "clone", "view_as", "flip", "diff", "unsqueeze_",
     "zeros_like", "ones_like", "empty_like", "rand_like", "randn_like", "rand", "randn",
     "bernoulli_", "dropout_", "feature_dropout", "alias", "lift_fresh", "item",
-    "max_pool2d_with_indices",
+    "max_pool2d_with_indices", "triu", "triu_", "tril", "tril_",
 )) | {"sdetr_C::stem_max_pool_forward"}  # the ResNet stem's max pool (sdetr.ops.stem_max_pool)
 """Ops fvcore has no handle for that cost 0 by the official convention (elementwise, softmax,
 activations, sin/cos, scans, max-pool, topk, gather/scatter, masking: REFERENCE §10.1 "Not
