@@ -147,13 +147,13 @@ class DenoisingQueries(nn.Module):
             if not counts[b]:
                 continue
             slots = slots.to(device)
-            labels[b, slots] = noise_labels(target["labels"].to(device).repeat(self.groups),
-                                            self.num_classes, self.label_noise)
+            true_labels = target["labels"].to(device).repeat(self.groups)
             true_boxes = target["boxes"].to(device, torch.float32).repeat(self.groups, 1)
+            labels[b, slots] = noise_labels(true_labels, self.num_classes, self.label_noise)
             boxes[b, slots] = noise_boxes(true_boxes, self.box_noise)
             if self.negatives:
                 negative = slots + positives
-                labels[b, negative] = noise_labels(target["labels"].to(device).repeat(
-                    self.groups), self.num_classes, self.label_noise)
+                labels[b, negative] = noise_labels(true_labels, self.num_classes,
+                                                   self.label_noise)
                 boxes[b, negative] = negative_boxes(true_boxes, self.box_noise)
         return self.label_embed(labels), embed_reference(boxes), boxes, plan

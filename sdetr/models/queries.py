@@ -180,9 +180,10 @@ class TopKQueries(nn.Module):
         projected = proposals(memory, invalid)
         logits = self.class_embed(projected)
         coords = self.bbox_embed(projected) + anchors
+        boxes = coords.sigmoid()
         score = logits.max(-1).values if self.class_specific else logits[..., 0]
         k = min(self.num_queries + (self.num_one2many if self.training else 0), score.shape[1])
-        topk = self._select(score, coords, k)
+        topk = self._select(score, boxes, k)
         ref_unact = torch.gather(coords, 1, topk.unsqueeze(-1).expand(-1, -1, 4)).detach()
         reference = ref_unact.sigmoid()
         hidden = memory.shape[-1]
@@ -192,18 +193,18 @@ class TopKQueries(nn.Module):
             tgt = torch.gather(memory, 1, topk.unsqueeze(-1).expand(-1, -1, hidden))
         else:
             query_pos, tgt = embed.split(hidden, dim=-1)
-        enc_outputs = {"pred_logits": logits, "pred_boxes": coords.sigmoid(),
+        enc_outputs = {"pred_logits": logits, "pred_boxes": boxes,
                        "class_specific": self.class_specific}
         return QuerySet(tgt=tgt, query_pos=query_pos, reference=reference,
                         enc_outputs=enc_outputs, extras={"topk_indices": topk},
                         num_one2one=self.num_queries)
 
-    def _select(self, score: Tensor, coords: Tensor, k: int) -> Tensor:
-        """score (B, N), coords (B, N, 4) unactivated cx,cy,w,h → (B, k) token indices, best
-        first (``nms_iou``: near-duplicate proposals passed over)."""
+    def _select(self, score: Tensor, boxes: Tensor, k: int) -> Tensor:
+        """score (B, N), boxes (B, N, 4) proposals cx,cy,w,h in [0, 1] → (B, k) token indices,
+        best first (``nms_iou``: near-duplicate proposals passed over)."""
         if self.nms_iou is None:
             return torch.topk(score, k, dim=1).indices
-        return nms_topk(score.detach(), coords.detach().sigmoid(), k, self.nms_iou,
+        return nms_topk(score.detach(), boxes.detach(), k, self.nms_iou,
                         candidates=NMS_CANDIDATES_PER_QUERY * k)
 
     def embed_reference(self, reference: Tensor) -> Tensor:
