@@ -72,6 +72,10 @@ def test_impossible_combination_fails_at_load():
     with pytest.raises(ConfigError, match="model.backbone.width: pretrained weights"):
         load_config("sparse_detr_r50", ["model.backbone.width=32",
                                         "model.backbone.weights=/x/r50.pth"])
+    with pytest.raises(ConfigError, match="model.look_forward_twice: needs box_refine"):
+        load_config("deformable_detr_r50", ["model.look_forward_twice=true"])
+    assert load_config("sparse_detr_tiny",
+                       ["model.look_forward_twice=true"]).model.look_forward_twice
 
 
 def test_bad_files(tmp_path):

@@ -312,6 +312,34 @@ def test_decoder_with_refinement(ref_dim):
         dec(*args, bbox_heads=heads[:1])
 
 
+def test_decoder_look_forward_twice_same_values_gradient_one_layer_back():
+    """Look-forward-twice: the references equal the plain refinement's, but a loss on layer
+    l's box reaches layer l-1's box head (not layer l-2's), and no layer is fed a graph."""
+    torch.manual_seed(6)
+    args = _decoder_inputs(4)
+    plain_dec = _decoder(3)
+    lft_dec = DeformableDecoder(DeformableDecoderLayer(C, 64, 0.0, L, M, P), 3,
+                                look_forward_twice=True).double()
+    lft_dec.load_state_dict(plain_dec.state_dict())
+    heads = _heads(3)
+    plain = plain_dec(*args, bbox_heads=heads)
+    lft = lft_dec(*args, bbox_heads=heads)
+    torch.testing.assert_close(lft.hidden_states, plain.hidden_states)
+    for a, b in zip(lft.references, plain.references):
+        torch.testing.assert_close(a, b)
+    assert lft.references[0] is args[2]
+    assert all(r.requires_grad for r in lft.references[1:])
+
+    def grads(out) -> list[bool]:
+        heads.zero_grad(set_to_none=True)
+        box = refine_box(heads[2](out.hidden_states[2]), out.references[2])
+        box.sum().backward()
+        return [h.layers[-1].weight.grad is not None for h in heads]
+
+    assert grads(plain) == [False, False, True]
+    assert grads(lft) == [False, True, True]
+
+
 def test_decoder_scales_references_by_valid_ratios():
     _, vr = _padding_mask()
     ref2 = torch.rand(2, 3, 2, dtype=torch.float64)

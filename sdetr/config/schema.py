@@ -147,6 +147,10 @@ class ModelConfig:
     # overlaps a better-scoring one's by more than this IoU (Fast NMS, sdetr.models.query_nms;
     # None = the papers' plain top-k).
     query_nms: Optional[float] = None
+    # DINO's "look forward twice" (box_refine only): layer l's predicted box refines layer
+    # l-1's box before its detach, so its box losses also train layer l-1; the next layer's
+    # reference stays detached. Same values, other gradients; eval unchanged.
+    look_forward_twice: bool = False
     loss: LossConfig = field(default_factory=LossConfig)
 
     def validate(self, prefix: str = "model") -> None:
@@ -169,6 +173,9 @@ class ModelConfig:
         if self.queries != "learned" and not self.box_refine:
             raise ConfigError(f"{prefix}.box_refine: queries={self.queries!r} needs "
                               "box_refine=true (two-stage proposals are refined)")
+        if self.look_forward_twice and not self.box_refine:
+            raise ConfigError(f"{prefix}.look_forward_twice: needs box_refine=true (without "
+                              "refinement no layer's box feeds the next)")
         if self.selects_tokens and self.queries == "learned":
             raise ConfigError(f"{prefix}.encoder: {self.encoder!r} needs queries 'two_stage' or "
                               "'topk' (its scoring network shares the proposal projection)")

@@ -23,7 +23,8 @@ class DecoderOutput:
         references: num_layers tensors; entry l is the reference INPUT to layer l, (B, Q, 2) (x, y) or
             (B, Q, 4) (cx, cy, w, h) in valid-image coordinates [0, 1]. A tuple, not a stacked tensor,
             because a 2-d initial reference becomes 4-d after the first refinement. Entry 0 is the
-            caller's tensor itself; refined entries are detached.
+            caller's tensor itself; refined entries are detached, except with look-forward-twice,
+            where they keep the previous layer's graph (the layer itself was fed the detached copy).
         sampling_locations: (B, num_layers, Q, M, L, P, 2) cross-attention locations, (x, y) normalised
             to the padded maps.
         attention_weights: (B, num_layers, Q, M, L, P) cross-attention weights.
@@ -165,12 +166,17 @@ class DeformableDecoder(nn.Module):
     Args:
         layer: template layer (deep-copied; the template itself is not registered).
         num_layers: number of layers.
+        look_forward_twice: with box refinement, ``references[l]`` (l >= 1) keeps the graph of
+            layer l-1's refinement (DINO), so a loss on layer l's box also trains layer l-1's
+            box head and output; layer l itself is fed the detached reference either way.
     """
 
-    def __init__(self, layer: DeformableDecoderLayer, num_layers: int) -> None:
+    def __init__(self, layer: DeformableDecoderLayer, num_layers: int,
+                 look_forward_twice: bool = False) -> None:
         super().__init__()
         self.layers = get_clones(layer, num_layers)
         self.num_layers = num_layers
+        self.look_forward_twice = look_forward_twice
 
     def forward(
         self,
@@ -202,6 +208,7 @@ class DeformableDecoder(nn.Module):
         if bbox_heads is not None and len(bbox_heads) != self.num_layers:
             raise ValueError(f"bbox_heads must hold one head per layer ({self.num_layers}), got {len(bbox_heads)}")
         output, reference = tgt, reference_points
+        predicted_from = reference  # what layer lid's box prediction refines (see references)
         hidden, references, locations, weights = [], [], [], []
         for lid, layer in enumerate(self.layers):
             ref_input = scale_reference_points(reference, valid_ratios)
@@ -210,11 +217,15 @@ class DeformableDecoder(nn.Module):
                 self_attn_mask,
             )
             hidden.append(output)
-            references.append(reference)
+            references.append(predicted_from)
             locations.append(loc)
             weights.append(attn)
             if bbox_heads is not None:
-                reference = refine_reference(bbox_heads[lid](output), reference).detach()
+                refined = refine_reference(bbox_heads[lid](output), reference)
+                reference = refined.detach()
+                predicted_from = refined if self.look_forward_twice else reference
+            else:
+                predicted_from = reference
         return DecoderOutput(
             hidden_states=torch.stack(hidden),
             references=tuple(references),
