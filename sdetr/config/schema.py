@@ -340,12 +340,23 @@ class DataConfig:
     eval_max_size: int = 1333
     num_workers: int = 2
     group_by_aspect: bool = False
+    # Progressive resizing: the first early_epochs epochs resize to early_scales instead of
+    # train_scales (same max size and crop branch); 0 = off. Eval is unchanged.
+    early_scales: list[int] = field(default_factory=list)
+    early_epochs: int = 0
 
     def validate(self, prefix: str = "data") -> None:
         if not self.train_scales:
             raise ConfigError(f"{prefix}.train_scales: must not be empty")
         if any(s <= 0 for s in self.train_scales):
             raise ConfigError(f"{prefix}.train_scales: sizes must be positive")
+        if self.early_epochs < 0:
+            raise ConfigError(f"{prefix}.early_epochs: must be >= 0, got {self.early_epochs}")
+        if bool(self.early_epochs) != bool(self.early_scales):
+            raise ConfigError(f"{prefix}.early_scales: set together with {prefix}.early_epochs "
+                              f"> 0 (got {self.early_scales} and {self.early_epochs})")
+        if any(s <= 0 for s in self.early_scales):
+            raise ConfigError(f"{prefix}.early_scales: sizes must be positive")
         if self.crop_min > self.crop_max:
             raise ConfigError(f"{prefix}.crop_min: {self.crop_min} > crop_max {self.crop_max}")
         _positive(self, prefix, ("train_max_size", "eval_size", "eval_max_size"))

@@ -13,6 +13,7 @@ from sdetr.data.synth import (
 from sdetr.data.synth_draw import CATEGORIES as SYNTH_CATEGORIES
 from sdetr.data.transforms import (
     AugmentParams,
+    EpochSchedule,
     coco_paper_defaults,
     make_eval_transforms,
     make_train_transforms,
@@ -21,7 +22,8 @@ from sdetr.data.transforms import (
 from sdetr.data.validate import ValidationReport, validate_dataset
 
 __all__ = [
-    "AugmentParams", "CocoDetection", "DatasetError", "DetectionBatch", "SYNTH_CATEGORIES",
+    "AugmentParams", "CocoDetection", "DatasetError", "DetectionBatch", "EpochSchedule",
+    "SYNTH_CATEGORIES",
     "SplitSummary", "SynthSummary", "ValidationReport", "coco_paper_defaults",
     "collate_detection", "filter_annotations", "generate_synthetic_coco", "load_coco_api",
     "make_eval_transforms", "make_train_transforms", "open_image", "read_synth_meta",

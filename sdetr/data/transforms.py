@@ -197,6 +197,29 @@ def make_train_transforms(scales: Sequence[int], max_size: int,
                     ToTensorNormalize()))
 
 
+class EpochSchedule:
+    """Train transforms that change with the epoch: ``early`` in the first ``early_epochs``
+    epochs (0-based epoch < ``early_epochs``), ``late`` from then on.
+
+    The training loop calls :meth:`set_epoch` before each epoch (through
+    :func:`sdetr.engine.data.set_loader_epoch`); the loader's workers are started per epoch
+    and take a copy of the dataset, transforms included, when it begins.
+    """
+
+    def __init__(self, early: Compose, late: Compose, early_epochs: int) -> None:
+        if early_epochs < 1:
+            raise ValueError(f"early_epochs must be >= 1, got {early_epochs}")
+        self.early, self.late, self.early_epochs = early, late, early_epochs
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __call__(self, image: Image.Image, target: Target) -> tuple[Tensor, Target]:
+        stage = self.early if self.epoch < self.early_epochs else self.late
+        return stage(image, target)
+
+
 def make_eval_transforms(size: int, max_size: int) -> Compose:
     """Eval pipeline: resize shorter side to ``size`` (longer <= ``max_size``), normalise.
     Deterministic: it draws nothing from torch's RNG."""

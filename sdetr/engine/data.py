@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from sdetr.config import DataConfig
-from sdetr.data import (CocoDetection, DatasetError, collate_detection, make_eval_transforms,
-                        make_train_transforms, synth_main)
+from sdetr.data import (CocoDetection, DatasetError, EpochSchedule, collate_detection,
+                        make_eval_transforms, make_train_transforms, synth_main)
 
 logger = logging.getLogger(__name__)
 
@@ -73,13 +73,19 @@ def ensure_dataset(data: DataConfig, *, splits: Sequence[Split] = ("train", "val
 def build_dataset(data: DataConfig, split: Split) -> CocoDetection:
     """The ``split`` dataset with the config's transforms (§1.2): train augmentation
     (``train_scales``, ``train_max_size``, ``crop_scales`` (empty = no crop branch),
-    ``crop_min``, ``crop_max``) or the deterministic eval resize (``eval_size``,
-    ``eval_max_size``)."""
+    ``crop_min``, ``crop_max``; in the first ``early_epochs`` epochs ``early_scales`` instead
+    of ``train_scales``, see :class:`~sdetr.data.EpochSchedule`) or the deterministic eval
+    resize (``eval_size``, ``eval_max_size``)."""
     img_dir, ann_file = split_paths(data, split)
     if split == "train":
         transforms = make_train_transforms(data.train_scales, data.train_max_size,
                                            data.crop_scales or None, data.crop_min,
                                            data.crop_max)
+        if data.early_epochs:
+            early = make_train_transforms(data.early_scales, data.train_max_size,
+                                          data.crop_scales or None, data.crop_min,
+                                          data.crop_max)
+            transforms = EpochSchedule(early, transforms, data.early_epochs)
     else:
         transforms = make_eval_transforms(data.eval_size, data.eval_max_size)
     return CocoDetection(img_dir, ann_file, transforms)
@@ -227,7 +233,11 @@ def aspect_ratios(dataset: CocoDetection) -> list[float]:
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
-    """Tell the loader's sampler which epoch starts (reshuffles deterministically)."""
+    """Tell the loader's sampler which epoch starts (reshuffles deterministically), and the
+    dataset's transforms if they follow an epoch schedule (``data.early_scales``)."""
+    transforms = getattr(loader.dataset, "transforms", None)
+    if isinstance(transforms, EpochSchedule):
+        transforms.set_epoch(epoch)
     sampler = loader.batch_sampler
     if not isinstance(sampler, AspectBatchSampler):
         sampler = loader.sampler
