@@ -13,7 +13,7 @@ from sdetr.models.denoising import DenoisingPlan, negative_boxes, noise_boxes, n
 from sdetr.models.queries import QuerySet
 from sdetr.profiling.params import count_parameters
 
-DN = ["model.dn_groups=3"]
+DN = ["model.dn_groups=3", "model.dn_negatives=false"]  # plain DN (the preset adds negatives)
 
 
 @pytest.mark.parametrize("override, key", [
@@ -151,7 +151,7 @@ def test_eval_has_no_denoising_queries_and_the_training_step_passes_targets():
         assert "dn_outputs" not in model.eval()(images, masks, targets=targets)
     out = forward(model.train(), images, masks, torch.bfloat16, targets)
     assert out["dn_outputs"]["pred_boxes"].dtype == torch.float32
-    plain = build_micro("sparse_detr_tiny", "model.dn_groups=0").model
+    plain = build_micro("sparse_detr_tiny", "model.dn_groups=0", "model.dn_negatives=false").model
     missing = set(model.state_dict()) - set(plain.state_dict())
     assert missing == {"denoiser.label_embed.weight"}
     inference = count_parameters(model).params_inference

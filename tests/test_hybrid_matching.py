@@ -9,7 +9,7 @@ from helpers import assert_same_matching_outputs, build_micro, refused_at_load, 
 from sdetr.models.criterion import build_weight_dict, repeat_targets
 from sdetr.models.queries import QuerySet
 
-O2M = ["model.one2many_queries=12", "model.one2many_repeats=3", "model.dn_groups=0"]
+O2M = ["model.one2many_queries=12", "model.one2many_repeats=3", "model.dn_groups=0", "model.dn_negatives=false"]
 
 
 @pytest.mark.parametrize("override, key", [
@@ -65,7 +65,7 @@ def test_eval_is_the_model_without_the_branch():
     """In eval the branch does not exist: same outputs and, for top-k queries, the same
     parameters as the detector built without it (a hybrid-trained checkpoint loads there)."""
     hybrid = build_micro("sparse_detr_tiny", *O2M).model.eval()
-    plain = build_micro("sparse_detr_tiny", "model.dn_groups=0").model.eval()
+    plain = build_micro("sparse_detr_tiny", "model.dn_groups=0", "model.dn_negatives=false").model.eval()
     plain.load_state_dict(hybrid.state_dict())
     images, masks, _ = two_images()
     with torch.no_grad():
@@ -117,7 +117,7 @@ def test_weight_dict_scales_the_one2many_keys():
 
 def test_criterion_without_repeats_refuses_one2many_outputs():
     hybrid = build_micro("sparse_detr_tiny", *O2M)
-    plain = build_micro("sparse_detr_tiny", "model.dn_groups=0")
+    plain = build_micro("sparse_detr_tiny", "model.dn_groups=0", "model.dn_negatives=false")
     images, masks, targets = two_images()
     out = hybrid.model.train()(images, masks)
     with pytest.raises(ValueError, match="one2many_repeats=0"):

@@ -36,7 +36,8 @@ def format_train_bench(result: dict[str, Any]) -> str:
             f"{result['zero_stage']}, kernels {result['kernel_backend']}, "
             f"{'/'.join(map(str, threads))} torch thread(s) per worker, malloc retain "
             f"{result.get('malloc_retain', 'off')}",
-            f"{result['steps']} steps timed after {result['warmup']} warm-up; "
+            f"{result['steps']} steps of epoch {result.get('epoch', 1)} (train scales "
+            f"{result.get('train_scales', '?')}) timed after {result['warmup']} warm-up; "
             "milliseconds per optimizer step", ""]
     cols = "".join(f"  rank{i:<3}" for i in range(len(ranks)))
     lines = [f"{'component':<42}{cols}     mean  share"]

@@ -340,9 +340,9 @@ class DataConfig:
     eval_max_size: int = 1333
     num_workers: int = 2
     group_by_aspect: bool = False
-    # Progressive resizing: the first early_epochs epochs resize to early_scales instead of
-    # train_scales (same max size and crop branch); 0 = off. Eval is unchanged.
-    early_scales: list[int] = field(default_factory=list)
+    # Progressive resizing: the first early_epochs epochs resize to early_scale x train_scales
+    # (rounded; same max size and crop branch); early_epochs 0 = off. Eval is unchanged.
+    early_scale: float = 1.0
     early_epochs: int = 0
 
     def validate(self, prefix: str = "data") -> None:
@@ -352,11 +352,14 @@ class DataConfig:
             raise ConfigError(f"{prefix}.train_scales: sizes must be positive")
         if self.early_epochs < 0:
             raise ConfigError(f"{prefix}.early_epochs: must be >= 0, got {self.early_epochs}")
-        if bool(self.early_epochs) != bool(self.early_scales):
-            raise ConfigError(f"{prefix}.early_scales: set together with {prefix}.early_epochs "
-                              f"> 0 (got {self.early_scales} and {self.early_epochs})")
-        if any(s <= 0 for s in self.early_scales):
-            raise ConfigError(f"{prefix}.early_scales: sizes must be positive")
+        if not 0.0 < self.early_scale <= 1.0:
+            raise ConfigError(f"{prefix}.early_scale: a factor in (0, 1], got {self.early_scale}")
+
+    @property
+    def early_scales(self) -> list[int]:
+        """The shorter sides of the first ``early_epochs`` epochs: ``early_scale`` times
+        each of ``train_scales``, rounded."""
+        return [max(1, round(s * self.early_scale)) for s in self.train_scales]
         if self.crop_min > self.crop_max:
             raise ConfigError(f"{prefix}.crop_min: {self.crop_min} > crop_max {self.crop_max}")
         _positive(self, prefix, ("train_max_size", "eval_size", "eval_max_size"))

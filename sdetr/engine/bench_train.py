@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from sdetr.config import ConfigError, ExperimentConfig, to_dict
+from sdetr.config import ConfigError, DataConfig, ExperimentConfig, to_dict
 from sdetr.engine.data import ensure_dataset, set_loader_epoch
 from sdetr.engine.deepspeed_engine import autocast_dtype
 from sdetr.engine.distributed import all_gather_object
@@ -31,26 +31,27 @@ from sdetr.utils.io import atomic_write_text
 logger = logging.getLogger(__name__)
 
 BENCH_FILE = "bench_train.json"
-BENCH_KEYS = ("bench_steps", "bench_warmup")
+BENCH_KEYS = ("bench_steps", "bench_warmup", "bench_epoch")
 
 
 def bench_worker(config: dict[str, Any]) -> None:
     """What every worker runs: set up like a training run, time ``bench_warmup +
-    bench_steps`` steps of epoch 1, gather every rank's timer summary; rank 0 writes them to
-    ``<run_dir>/bench_train.json``."""
-    steps, warmup = (int(config[k]) for k in BENCH_KEYS)
+    bench_steps`` steps of epoch ``bench_epoch`` (1-based: its sample order and, with
+    ``data.early_epochs``, its scales), gather every rank's timer summary; rank 0 writes them
+    to ``<run_dir>/bench_train.json``."""
+    steps, warmup, epoch = (int(config[k]) for k in BENCH_KEYS)
     args, cfg, ctx = enter_worker({k: v for k, v in config.items() if k not in BENCH_KEYS})
     trainer = Trainer(cfg, args, ctx)
     available = trainer.steps_per_epoch
     if warmup + steps > available:
         raise ConfigError(f"--steps {steps} + --warmup {warmup} exceed the {available} steps "
                           f"of one epoch of {cfg.name}")
-    set_loader_epoch(trainer.train_loader, 0)
+    set_loader_epoch(trainer.train_loader, epoch - 1)
     timer = StepTimer(warmup=warmup)
     bar = progress_bar(warmup + steps, "bench train", enabled=args.progress and ctx.is_main,
                        under_ray=args.under_ray)
     run_epoch(trainer.engine, trainer.criterion, trainer.train_loader, steps=warmup + steps,
-              accumulation=trainer.accumulation, device=ctx.device, epoch=1, first_step=0,
+              accumulation=trainer.accumulation, device=ctx.device, epoch=epoch, first_step=0,
               bar=bar, autocast=autocast_dtype(cfg.train), timer=timer)
     ranks = all_gather_object({"summary": timer.summary(), "threads": torch.get_num_threads()})
     if ctx.is_main:
@@ -60,11 +61,18 @@ def bench_worker(config: dict[str, Any]) -> None:
                   "precision": cfg.train.precision, "zero_stage": cfg.train.zero_stage,
                   "kernel_backend": trainer.kernel_backend, "device": ctx.device.type,
                   "malloc_retain": trainer.malloc_state,
-                  "steps": steps, "warmup": warmup, "ranks": ranks}
+                  "steps": steps, "warmup": warmup, "epoch": epoch,
+                  "train_scales": epoch_scales(cfg.data, epoch), "ranks": ranks}
         atomic_write_text(Path(args.run_dir) / BENCH_FILE, json.dumps(result, indent=2))
 
 
-def run_train_bench(cfg: ExperimentConfig, *, steps: int, warmup: int,
+def epoch_scales(data: DataConfig, epoch: int) -> list[int]:
+    """The shorter sides epoch ``epoch`` (1-based) trains at: ``early_scale`` × the train
+    scales in the first ``early_epochs`` epochs, else ``train_scales``."""
+    return list(data.early_scales if epoch <= data.early_epochs else data.train_scales)
+
+
+def run_train_bench(cfg: ExperimentConfig, *, steps: int, warmup: int, epoch: int = 1,
                     workers: Optional[int] = None, use_ray: bool = True,
                     cpus_per_worker: Optional[float] = None,
                     progress: bool = True) -> dict[str, Any]:
@@ -77,6 +85,8 @@ def run_train_bench(cfg: ExperimentConfig, *, steps: int, warmup: int,
     """
     if steps < 1 or warmup < 0:
         raise ConfigError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
+    if not 1 <= epoch <= cfg.train.epochs:
+        raise ConfigError(f"--epoch must be in 1..train.epochs={cfg.train.epochs}, got {epoch}")
     cfg, world, use_gpu = prepare_launch(cfg, workers, use_ray)
     ensure_dataset(cfg.data, splits=("train",))
     run_dir = Path(tempfile.mkdtemp(prefix="sdetr-bench-train-"))
@@ -84,9 +94,9 @@ def run_train_bench(cfg: ExperimentConfig, *, steps: int, warmup: int,
         args = WorkerArgs(config=to_dict(cfg), run_dir=str(run_dir), resume="never",
                           track=False, use_gpu=use_gpu, under_ray=use_ray, progress=progress,
                           cwd=str(Path.cwd()))
-        extra = {"bench_steps": steps, "bench_warmup": warmup}
-        logger.info("bench train %s: %d worker(s)%s, %d + %d steps", cfg.name, world,
-                    " on Ray" if use_ray else " in this process", warmup, steps)
+        extra = {"bench_steps": steps, "bench_warmup": warmup, "bench_epoch": epoch}
+        logger.info("bench train %s: %d worker(s)%s, %d + %d steps of epoch %d", cfg.name,
+                    world, " on Ray" if use_ray else " in this process", warmup, steps, epoch)
         resources = ({"CPU": cpus_per_worker} if cpus_per_worker
                      else worker_resources(cfg.train.cpus, world))
         launch_workers(args, world, resources, worker=bench_worker, extra=extra)
@@ -95,4 +105,4 @@ def run_train_bench(cfg: ExperimentConfig, *, steps: int, warmup: int,
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-__all__ = ["BENCH_FILE", "bench_worker", "run_train_bench"]
+__all__ = ["BENCH_FILE", "bench_worker", "epoch_scales", "run_train_bench"]

@@ -73,8 +73,8 @@ def ensure_dataset(data: DataConfig, *, splits: Sequence[Split] = ("train", "val
 def build_dataset(data: DataConfig, split: Split) -> CocoDetection:
     """The ``split`` dataset with the config's transforms (§1.2): train augmentation
     (``train_scales``, ``train_max_size``, ``crop_scales`` (empty = no crop branch),
-    ``crop_min``, ``crop_max``; in the first ``early_epochs`` epochs ``early_scales`` instead
-    of ``train_scales``, see :class:`~sdetr.data.EpochSchedule`) or the deterministic eval
+    ``crop_min``, ``crop_max``; in the first ``early_epochs`` epochs ``early_scale`` times the
+    train scales, see :class:`~sdetr.data.EpochSchedule`) or the deterministic eval
     resize (``eval_size``, ``eval_max_size``)."""
     img_dir, ann_file = split_paths(data, split)
     if split == "train":
