@@ -53,6 +53,9 @@ def test_dotted_overrides_are_typed():
     ("model.backbone=resnet50", "model.backbone"),
     ("model.backbone.width=12", "model.backbone.width"),
     ("model.backbone.width=0", "model.backbone.width"),
+    ("data.num_workers=-1", "data.num_workers"),
+    ("data.eval_size=0", "data.eval_size"),
+    ("data.crop_min=700", "data.crop_min"),
     ("nokey", "nokey"),
 ])
 def test_bad_values_name_the_key(override, culprit):

@@ -354,17 +354,17 @@ class DataConfig:
             raise ConfigError(f"{prefix}.early_epochs: must be >= 0, got {self.early_epochs}")
         if not 0.0 < self.early_scale <= 1.0:
             raise ConfigError(f"{prefix}.early_scale: a factor in (0, 1], got {self.early_scale}")
+        if self.crop_min > self.crop_max:
+            raise ConfigError(f"{prefix}.crop_min: {self.crop_min} > crop_max {self.crop_max}")
+        _positive(self, prefix, ("train_max_size", "eval_size", "eval_max_size"))
+        if self.num_workers < 0:
+            raise ConfigError(f"{prefix}.num_workers: must be >= 0")
 
     @property
     def early_scales(self) -> list[int]:
         """The shorter sides of the first ``early_epochs`` epochs: ``early_scale`` times
         each of ``train_scales``, rounded."""
         return [max(1, round(s * self.early_scale)) for s in self.train_scales]
-        if self.crop_min > self.crop_max:
-            raise ConfigError(f"{prefix}.crop_min: {self.crop_min} > crop_max {self.crop_max}")
-        _positive(self, prefix, ("train_max_size", "eval_size", "eval_max_size"))
-        if self.num_workers < 0:
-            raise ConfigError(f"{prefix}.num_workers: must be >= 0")
 
 
 @dataclass

@@ -234,7 +234,7 @@ def aspect_ratios(dataset: CocoDetection) -> list[float]:
 
 def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
     """Tell the loader's sampler which epoch starts (reshuffles deterministically), and the
-    dataset's transforms if they follow an epoch schedule (``data.early_scales``)."""
+    dataset's transforms if they follow an epoch schedule (``data.early_epochs``)."""
     transforms = getattr(loader.dataset, "transforms", None)
     if isinstance(transforms, EpochSchedule):
         transforms.set_epoch(epoch)

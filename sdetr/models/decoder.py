@@ -224,8 +224,6 @@ class DeformableDecoder(nn.Module):
                 refined = refine_reference(bbox_heads[lid](output), reference)
                 reference = refined.detach()
                 predicted_from = refined if self.look_forward_twice else reference
-            else:
-                predicted_from = reference
         return DecoderOutput(
             hidden_states=torch.stack(hidden),
             references=tuple(references),
