@@ -151,7 +151,8 @@ def test_eval_has_no_denoising_queries_and_the_training_step_passes_targets():
         assert "dn_outputs" not in model.eval()(images, masks, targets=targets)
     out = forward(model.train(), images, masks, torch.bfloat16, targets)
     assert out["dn_outputs"]["pred_boxes"].dtype == torch.float32
-    plain = build_micro("sparse_detr_tiny", "model.dn_groups=0", "model.dn_negatives=false").model
+    plain = build_micro("sparse_detr_tiny", "model.dn_groups=0",
+                        "model.dn_negatives=false").model
     missing = set(model.state_dict()) - set(plain.state_dict())
     assert missing == {"denoiser.label_embed.weight"}
     inference = count_parameters(model).params_inference

@@ -9,7 +9,8 @@ from helpers import assert_same_matching_outputs, build_micro, refused_at_load, 
 from sdetr.models.criterion import build_weight_dict, repeat_targets
 from sdetr.models.queries import QuerySet
 
-O2M = ["model.one2many_queries=12", "model.one2many_repeats=3", "model.dn_groups=0", "model.dn_negatives=false"]
+O2M = ["model.one2many_queries=12", "model.one2many_repeats=3", "model.dn_groups=0",
+       "model.dn_negatives=false"]
 
 
 @pytest.mark.parametrize("override, key", [
@@ -65,7 +66,8 @@ def test_eval_is_the_model_without_the_branch():
     """In eval the branch does not exist: same outputs and, for top-k queries, the same
     parameters as the detector built without it (a hybrid-trained checkpoint loads there)."""
     hybrid = build_micro("sparse_detr_tiny", *O2M).model.eval()
-    plain = build_micro("sparse_detr_tiny", "model.dn_groups=0", "model.dn_negatives=false").model.eval()
+    plain = build_micro("sparse_detr_tiny", "model.dn_groups=0",
+                        "model.dn_negatives=false").model.eval()
     plain.load_state_dict(hybrid.state_dict())
     images, masks, _ = two_images()
     with torch.no_grad():

@@ -33,6 +33,7 @@ def test_first_epochs_train_at_the_early_scales_then_the_train_scales(synth_root
     cfg = _config(synth_root, "data.train_scales=[96,128]", "data.early_scale=0.5",
                   "data.early_epochs=2")
     assert cfg.data.early_scales == [48, 64]
+    assert cfg.data.scales_of_epoch(2) == [48, 64] and cfg.data.scales_of_epoch(3) == [96, 128]
     dataset = build_dataset(cfg.data, "train")
     assert isinstance(dataset.transforms, EpochSchedule)
     loader = build_loader(dataset, 4, shuffle=True, seed=0, num_workers=1,

@@ -366,6 +366,11 @@ class DataConfig:
         each of ``train_scales``, rounded."""
         return [max(1, round(s * self.early_scale)) for s in self.train_scales]
 
+    def scales_of_epoch(self, epoch: int) -> list[int]:
+        """The shorter sides epoch ``epoch`` (1-based) trains at: :attr:`early_scales` in the
+        first ``early_epochs`` epochs, else ``train_scales``."""
+        return list(self.early_scales if epoch <= self.early_epochs else self.train_scales)
+
 
 @dataclass
 class TrainConfig:

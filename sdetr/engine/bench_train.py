@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from sdetr.config import ConfigError, DataConfig, ExperimentConfig, to_dict
+from sdetr.config import ConfigError, ExperimentConfig, to_dict
 from sdetr.engine.data import ensure_dataset, set_loader_epoch
 from sdetr.engine.deepspeed_engine import autocast_dtype
 from sdetr.engine.distributed import all_gather_object
@@ -62,14 +62,8 @@ def bench_worker(config: dict[str, Any]) -> None:
                   "kernel_backend": trainer.kernel_backend, "device": ctx.device.type,
                   "malloc_retain": trainer.malloc_state,
                   "steps": steps, "warmup": warmup, "epoch": epoch,
-                  "train_scales": epoch_scales(cfg.data, epoch), "ranks": ranks}
+                  "train_scales": cfg.data.scales_of_epoch(epoch), "ranks": ranks}
         atomic_write_text(Path(args.run_dir) / BENCH_FILE, json.dumps(result, indent=2))
-
-
-def epoch_scales(data: DataConfig, epoch: int) -> list[int]:
-    """The shorter sides epoch ``epoch`` (1-based) trains at: ``early_scale`` × the train
-    scales in the first ``early_epochs`` epochs, else ``train_scales``."""
-    return list(data.early_scales if epoch <= data.early_epochs else data.train_scales)
 
 
 def run_train_bench(cfg: ExperimentConfig, *, steps: int, warmup: int, epoch: int = 1,
@@ -105,4 +99,4 @@ def run_train_bench(cfg: ExperimentConfig, *, steps: int, warmup: int, epoch: in
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-__all__ = ["BENCH_FILE", "bench_worker", "epoch_scales", "run_train_bench"]
+__all__ = ["BENCH_FILE", "bench_worker", "run_train_bench"]
